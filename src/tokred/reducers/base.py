@@ -1,0 +1,147 @@
+"""The :class:`TokenReducer` interface every method implements.
+
+A reducer *is* the model: an ``nn.Module`` holding a stock timm ``VisionTransformer`` as ``self.vit`` and running its
+blocks with the method's token handling. The timm blocks' own weights and sub-modules (norms, qkv, q/k-norm,
+LayerScale, drop-path, MLP) are reused through :mod:`tokred.vit_ops`, never re-implemented, so a reducer keeps working
+on any timm ViT with the standard block layout.
+
+What the rest of tokred asks of a reducer:
+
+* ``forward(images) -> logits``: the deployable computation (eval mode) or the training one.
+* ``losses(...)``: the named loss terms of one training step (CE plus the method's auxiliary terms).
+* ``phases()``: the pipeline, e.g. search -> extract -> re-train, each a fit and/or a custom step.
+* ``cost()``: per-block token counts and widths for analytic FLOPs.
+* ``structure()`` / ``load_structure()``: whatever a checkpoint needs, beyond tensors, to rebuild the model
+  (a searched token schedule, kept channels).
+* ``deployable()``: a copy with training-only parts (aux heads, reconstruction modules) removed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from tokred.flops import ModelCost, dense_block_costs, head_macs, stem_macs
+
+if TYPE_CHECKING:
+    from tokred.training.phases import PhaseContext
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ReducerConfig:
+    """Knobs common to every reducer. Each reducer subclasses this with its own fields and checks."""
+
+    name: str = "none"
+
+    def __post_init__(self) -> None:
+        """Validate values; raise :class:`ValueError` naming the knob and the fix."""
+
+
+@dataclass
+class ParamGroup:
+    """Parameters that need optimiser settings of their own (e.g. SiT's RTSMs at 5x the LR)."""
+
+    name: str
+    params: list[nn.Parameter]
+    lr_mult: float = 1.0
+    weight_decay: float | None = None  # None: the run's weight decay
+
+
+@dataclass
+class Phase:
+    """One step of a reducer's pipeline.
+
+    ``run`` is custom work (a search, an extraction) done before the fit; ``epochs`` is the length of the Lightning
+    fit that follows (``None``: the trainer's ``max_epochs``; ``0``: no fit). ``optim`` overrides ``cfg.optim`` for
+    this phase's fit (e.g. ViT-Slim's constant-LR search).
+    """
+
+    name: str
+    epochs: int | None = None
+    run: Callable[["PhaseContext"], None] | None = None
+    optim: dict[str, Any] = field(default_factory=dict)
+
+
+class TokenReducer(nn.Module):
+    """Base class: the baseline behaviour (no reduction) for every hook."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[ReducerConfig]] = ReducerConfig
+
+    def __init__(self, vit: nn.Module, cfg: ReducerConfig) -> None:
+        super().__init__()
+        self.vit = vit
+        self.cfg = cfg
+        self.phase = ""
+
+    # ---------------------------------------------------------------- inference
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vit(images)
+
+    # ---------------------------------------------------------------- training
+    def losses(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        criterion: Criterion,
+        teacher: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and the named, already weighted loss terms of one training step; the total is their sum."""
+        logits = self(images)
+        return logits, {"ce": criterion(logits, targets)}
+
+    def build_teacher(self) -> nn.Module | None:
+        """A frozen teacher for distillation, or None. The training module keeps it in eval mode, without grad."""
+        return None
+
+    def param_groups(self) -> list[ParamGroup]:
+        """Parameters with their own optimiser settings; everything else gets the standard decay/no-decay split."""
+        return []
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of parameters exempt from weight decay, besides 1-D ones."""
+        return {f"vit.{name}" for name in self.vit.no_weight_decay()}
+
+    def phases(self) -> list[Phase]:
+        return [Phase("train")]
+
+    def enter_phase(self, name: str) -> None:
+        """Called before a phase starts or resumes; reducers switch modes (soft masks, slim structure) here."""
+        self.phase = name
+
+    def on_train_epoch_start(self, epoch: int, max_epochs: int) -> None:
+        """Per-epoch schedule hook (e.g. Evo-ViT's layer-to-stage switch)."""
+
+    # ---------------------------------------------------------------- accounting
+    def cost(self) -> ModelCost:
+        """Analytic cost of the deployable model at its configured budget."""
+        blocks = dense_block_costs(self.vit)
+        return ModelCost(blocks, stem_macs(self.vit), head_macs(self.vit), tokens_per_block=[b.n_q for b in blocks])
+
+    def knobs(self) -> dict[str, Any]:
+        """The reducer's config as plain values, for logs and run summaries."""
+        return asdict(self.cfg)
+
+    # ---------------------------------------------------------------- structure and export
+    def structure(self) -> dict[str, Any]:
+        """JSON-able description of searched structure that a state_dict alone cannot rebuild."""
+        return {"phase": self.phase}
+
+    def load_structure(self, structure: dict[str, Any]) -> None:
+        """Rebuild the modules described by :meth:`structure` so a matching state_dict can be loaded."""
+        self.phase = structure.get("phase", "")
+
+    def deployable(self) -> nn.Module:
+        """A copy in eval mode without training-only parts; its forward returns plain logits."""
+        model = copy.deepcopy(self)
+        model.strip_training_parts()
+        return model.eval()
+
+    def strip_training_parts(self) -> None:
+        """Delete training-only sub-modules in place (called on the copy made by :meth:`deployable`)."""

@@ -1,0 +1,128 @@
+"""The pieces of a timm ViT forward pass, callable on token subsets.
+
+Reducers compose these instead of copying timm's code, so every timm block feature keeps working: q/k-norm,
+attention scale-norm, LayerScale, drop-path, qkv bias, fused SDPA. The one generalisation over timm is that a block
+may compute outputs for a subset of its input tokens (queries) while keys and values span all of them -- what
+Patch Slimming, ViT-Slim token pruning and Evo-ViT's slow path need.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+
+class UnsupportedBackbone(ValueError):
+    """The backbone lacks the standard timm ViT layout a reducer relies on."""
+
+
+def check_standard_vit(vit: nn.Module, reducer: str) -> None:
+    """Fail early, naming the fix, when a reducer is applied to a model it cannot patch faithfully."""
+    if not isinstance(vit, VisionTransformer):
+        raise UnsupportedBackbone(f"reducer={reducer} needs a timm VisionTransformer, got {type(vit).__name__}")
+    for i, blk in enumerate(vit.blocks):
+        if type(blk) is not Block or type(blk.attn) is not Attention:
+            raise UnsupportedBackbone(
+                f"reducer={reducer}: block {i} is {type(blk).__name__}/{type(blk.attn).__name__}; only timm's "
+                "pre-norm Block with standard Attention is supported (choose a ViT/DeiT/DeiT-III backbone)"
+            )
+        if blk.attn.gate is not None:
+            raise UnsupportedBackbone(f"reducer={reducer}: gated attention (block {i}) is not supported")
+    if vit.attn_pool is not None or vit.num_prefix_tokens != 1 or not vit.has_class_token:
+        raise UnsupportedBackbone(
+            f"reducer={reducer} needs exactly one CLS prefix token and no attention pooling "
+            f"(got {vit.num_prefix_tokens} prefix tokens, attn_pool={vit.attn_pool is not None})"
+        )
+
+
+def embed(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """Images -> the token sequence entering block 0 (patches, CLS, position embedding, pre-norm)."""
+    x = vit.patch_embed(images)
+    x = vit._pos_embed(x)
+    x = vit.patch_drop(x)
+    return vit.norm_pre(x)
+
+
+def classify(vit: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Final norm, pooling and head, exactly as timm's forward does after the blocks."""
+    return vit.forward_head(vit.norm(tokens))
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``x`` (B, N, C): ``index`` is (n,) shared by the batch, or (B, n) per image."""
+    if index.dim() == 1:
+        return x.index_select(1, index)
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    b, n, _ = t.shape
+    return t.view(b, n, num_heads, -1).transpose(1, 2)
+
+
+def project_qkv(
+    attn: Attention, x_q: torch.Tensor, x_kv: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q from ``x_q``, k and v from ``x_kv`` (default ``x_q``); each (B, H, n, head_dim), before q/k-norm.
+
+    With distinct query rows the qkv Linear is split so that queries are only computed where needed.
+    """
+    if x_kv is None or x_kv is x_q:
+        q, k, v = split_heads(attn.qkv(x_q), 3 * attn.num_heads).chunk(3, dim=1)
+        return q, k, v
+    w, b = attn.qkv.weight, attn.qkv.bias
+    d = attn.attn_dim
+    q = F.linear(x_q, w[:d], None if b is None else b[:d])
+    kv = F.linear(x_kv, w[d:], None if b is None else b[d:])
+    k, v = split_heads(kv, 2 * attn.num_heads).chunk(2, dim=1)
+    return split_heads(q, attn.num_heads), k, v
+
+
+def attend(
+    attn: Attention,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """q/k-norm, scaled dot-product attention (fused), scale-norm and output projection -> (B, n_q, C)."""
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop.p if attn.training else 0.0,
+        scale=attn.scale if scale is None else scale,
+    )
+    b, h, n, d = out.shape
+    out = attn.norm(out.transpose(1, 2).reshape(b, n, h * d))
+    return attn.proj_drop(attn.proj(out))
+
+
+def cls_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of the CLS query (row 0) over all keys, per head: (B, H, n_kv). O(n*C), no full map."""
+    q0, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)
+    return (q0 @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1).squeeze(2)
+
+
+def attention_residual(blk: Block, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
+    """The attention branch of a block for query rows ``x_q`` over ``x_kv`` (both un-normalised), LayerScale and
+    drop-path included."""
+    h_kv = blk.norm1(x_kv)
+    h_q = h_kv if x_q is x_kv else blk.norm1(x_q)
+    return blk.drop_path1(blk.ls1(attend(blk.attn, *project_qkv(blk.attn, h_q, h_kv))))
+
+
+def mlp_residual(blk: Block, x: torch.Tensor) -> torch.Tensor:
+    return blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def block_forward(blk: Block, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """A timm block where only rows ``keep`` produce outputs (keys/values over all of ``x``).
+
+    ``keep=None`` is the plain block. The result has ``len(keep)`` tokens: pruned tokens are gone.
+    """
+    x_q = x if keep is None else gather_tokens(x, keep)
+    y = x_q + attention_residual(blk, x_q, x)
+    return y + mlp_residual(blk, y)
