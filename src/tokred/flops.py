@@ -15,6 +15,7 @@ Tests hold the two within 2% of each other and of the papers' numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -119,3 +120,22 @@ def counted_gmacs(model: nn.Module, img_size: int, in_chans: int = 3, batch_size
         return counter.get_total_flops() / 2 / batch_size / 1e9
     finally:
         model.train(was_training)
+
+
+def bisect_budget(
+    gmacs_at: Callable[[float], float], target: float, lo: float, hi: float, tol: float = 1e-3, iters: int = 60
+) -> float:
+    """The knob value in [lo, hi] whose cost is closest to ``target`` GMACs; ``gmacs_at`` must be monotone.
+
+    Every reducer's ``target_gmacs`` support goes through here (keep ratio, channel budget, epsilon ...).
+    """
+    increasing = gmacs_at(hi) >= gmacs_at(lo)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if (gmacs_at(mid) < target) == increasing:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < tol:
+            break
+    return min((lo, hi), key=lambda k: abs(gmacs_at(k) - target))

@@ -11,6 +11,7 @@ import pkgutil
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from tokred.reducers.base import Phase, ParamGroup, ReducerConfig, TokenReducer
@@ -52,12 +53,12 @@ def reducer_config(cfg: Mapping[str, Any] | DictConfig) -> ReducerConfig:
     cls = reducer_class(plain.get("name", "none"))
     schema = OmegaConf.structured(cls.Config)
     try:
-        merged = OmegaConf.merge(schema, plain)
-        return OmegaConf.to_object(merged)
-    except Exception as err:  # omegaconf's messages are multi-line; keep the one that names the key
-        known = ", ".join(k for k in schema.keys())
+        return OmegaConf.to_object(OmegaConf.merge(schema, plain))
+    except OmegaConfBaseException as err:  # unknown knob or wrong type; omegaconf's message is multi-line
         first = str(err).strip().splitlines()[0]
-        raise ValueError(f"reducer={cls.name}: {first} (valid knobs: {known})") from None
+        raise ValueError(f"reducer={cls.name}: {first} (valid knobs: {', '.join(schema.keys())})") from None
+    except ValueError as err:  # a range check in the reducer's Config.__post_init__
+        raise ValueError(f"reducer={cls.name}: {err}") from None
 
 
 def create_reducer(cfg: Mapping[str, Any] | DictConfig, vit: nn.Module) -> TokenReducer:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -35,12 +35,24 @@ Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class ReducerConfig:
-    """Knobs common to every reducer. Each reducer subclasses this with its own fields and checks."""
+    """Knobs common to every reducer. Each reducer subclasses this with its own fields and checks.
+
+    ``target_gmacs`` (absolute) or ``target_ratio`` (fraction of the unreduced backbone's GMACs) ask the reducer to
+    set its own budget knob (keep ratio, stage split, epsilon, channel budget) so methods meet at equal cost.
+    """
 
     name: str = "none"
+    target_gmacs: Optional[float] = None
+    target_ratio: Optional[float] = None
 
     def __post_init__(self) -> None:
         """Validate values; raise :class:`ValueError` naming the knob and the fix."""
+        if self.target_gmacs is not None and self.target_ratio is not None:
+            raise ValueError("set reducer.target_gmacs or reducer.target_ratio, not both")
+        if self.target_gmacs is not None and self.target_gmacs <= 0:
+            raise ValueError(f"reducer.target_gmacs={self.target_gmacs} must be > 0")
+        if self.target_ratio is not None and not 0 < self.target_ratio <= 1:
+            raise ValueError(f"reducer.target_ratio={self.target_ratio} must be in (0, 1]")
 
 
 @dataclass
@@ -123,6 +135,14 @@ class TokenReducer(nn.Module):
         """Analytic cost of the deployable model at its configured budget."""
         blocks = dense_block_costs(self.vit)
         return ModelCost(blocks, stem_macs(self.vit), head_macs(self.vit), tokens_per_block=[b.n_q for b in blocks])
+
+    def target_gmacs(self) -> float | None:
+        """The requested budget in GMACs, resolving ``target_ratio`` against the unreduced backbone."""
+        if self.cfg.target_gmacs is not None:
+            return self.cfg.target_gmacs
+        if self.cfg.target_ratio is not None:
+            return self.cfg.target_ratio * TokenReducer.cost(self).gmacs
+        return None
 
     def knobs(self) -> dict[str, Any]:
         """The reducer's config as plain values, for logs and run summaries."""

@@ -1,0 +1,33 @@
+# tokred: `make train` and `make test` work on a fresh machine (they create .venv and install first).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test flops clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install tokred with its test tools
+
+train: $(STAMP) ## train the default experiment (deit_tiny_cpu on the built-in dataset); ARGS="..." adds overrides
+	$(BIN)/tokred-train $(ARGS)
+
+test: $(STAMP) ## run the test suite
+	$(BIN)/pytest -n 2 --dist loadfile $(ARGS)
+
+flops: $(STAMP) ## analytic and counted GMACs: make flops ARGS="backbone=deit_small reducer=none"
+	$(BIN)/tokred-flops $(ARGS)
+
+clean: ## remove run outputs (keeps .venv)
+	rm -rf outputs multirun .pytest_cache

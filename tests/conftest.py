@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny timm ViTs and composed configs that train in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from tokred.config import compose_config
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Overrides that make any tokred-train config finish in seconds: few, small images, 2 epochs of 2 steps.
+FAST = [
+    "dataset.train_size=64",
+    "dataset.val_size=32",
+    "dataset.batch_size=16",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "logger=csv",
+]
+
+
+def tiny_vit(**kwargs) -> VisionTransformer:
+    """A 4-block, 32-px, 16-token timm ViT (DeiT layout) for unit tests; ``kwargs`` override the defaults."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+    torch.manual_seed(0)
+    return VisionTransformer(**{**args, **kwargs}).eval()
+
+
+@pytest.fixture
+def make_vit():
+    return tiny_vit
+
+
+@pytest.fixture
+def run_cfg(tmp_path):
+    """``run_cfg(*overrides)``: the train config for a fast run writing into a fresh tmp directory."""
+
+    def compose(*overrides: str):
+        cfg = compose_config([*FAST, f"paths.root={tmp_path}", *overrides])
+        cfg.paths.output_dir = str(tmp_path / "run")
+        return cfg
+
+    return compose
