@@ -127,6 +127,9 @@ class TokenReducer(nn.Module):
         """Called before a phase starts or resumes; reducers switch modes (soft masks, slim structure) here."""
         self.phase = name
 
+    def on_fit_start(self, global_batch: int, max_epochs: int) -> None:
+        """Called once per fit with the effective global batch (e.g. to warn about a recipe's batch-size needs)."""
+
     def on_train_epoch_start(self, epoch: int, max_epochs: int) -> None:
         """Per-epoch schedule hook (e.g. Evo-ViT's layer-to-stage switch)."""
 

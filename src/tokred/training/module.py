@@ -60,6 +60,11 @@ class TokredModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    def on_fit_start(self) -> None:
+        trainer = self.trainer
+        global_batch = trainer.world_size * trainer.accumulate_grad_batches * int(self.trainer.datamodule.cfg["batch_size"])
+        self.model.on_fit_start(global_batch, trainer.max_epochs)
+
     def on_train_epoch_start(self) -> None:
         self.model.on_train_epoch_start(self.current_epoch, self.trainer.max_epochs)
 
