@@ -12,9 +12,17 @@ from typing import Any, Mapping
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
-from timm.models import build_model_with_cfg, register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+
+# timm looks up a module-level `default_cfgs` when registering; no weights are published for this model.
+default_cfgs = generate_default_cfgs({
+    "deit_tiny_cpu_patch8_64.untrained": {"num_classes": 10, "input_size": (3, 64, 64), "mean": IMAGENET_DEFAULT_MEAN,
+                                          "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head"},
+})
 
 
 @register_model

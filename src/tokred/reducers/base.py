@@ -66,6 +66,21 @@ class ParamGroup:
 
 
 @dataclass
+class TokenMap:
+    """What a reducer did to the patch tokens at one block, on the original patch grid (CLS excluded).
+
+    ``kind`` says how to read ``values`` (B, grid_h, grid_w):
+    ``kept`` 1 = the block computes this token, 0 = pruned before it (Patch Slimming, ViT-Slim, baseline);
+    ``informative`` 1 = slow path, 0 = placeholder on the fast path (Evo-ViT);
+    ``assignment`` index of the output token each input patch feeds most (SiT's soft aggregation).
+    """
+
+    block: int
+    kind: str
+    values: torch.Tensor
+
+
+@dataclass
 class Phase:
     """One step of a reducer's pipeline.
 
@@ -150,6 +165,13 @@ class TokenReducer(nn.Module):
     def knobs(self) -> dict[str, Any]:
         """The reducer's config as plain values, for logs and run summaries."""
         return asdict(self.cfg)
+
+    @torch.no_grad()
+    def token_maps(self, images: torch.Tensor) -> list[TokenMap]:
+        """Per-block maps of what happens to each input patch for ``images``; the baseline keeps every patch."""
+        grid = self.vit.patch_embed.grid_size
+        kept = torch.ones(images.shape[0], *grid, device=images.device)
+        return [TokenMap(i, "kept", kept) for i in range(len(self.vit.blocks))]
 
     # ---------------------------------------------------------------- structure and export
     def structure(self) -> dict[str, Any]:
