@@ -1,0 +1,273 @@
+"""Issue 7: ViT-Slim masks, extraction, the physically slim model, its cost, the search -> extract -> retrain run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from tokred.backbones import CheckpointError
+from tokred.cli.flops import measure
+from tokred.config import ConfigError, compose_config, validate
+from tokred.export import load_deployable, save_deployable
+from tokred.flops import count_params, counted_gmacs
+from tokred.reducers import create_reducer
+from tokred.training.optim import build_param_groups
+from tokred.training.phases import load_phase
+from tokred.training.run import build_model, train
+from tokred.vit_ops import UnsupportedBackbone, classify, embed
+
+IMAGES = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def slim_reducer(vit: nn.Module, **knobs) -> nn.Module:
+    return create_reducer({"name": "vit_slim", **knobs}, vit).eval()
+
+
+def searched_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Masks as a search leaves them: uneven values, some below zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mask in (model.mask_attn, model.mask_mlp, model.mask_tokens):
+            mask.copy_(torch.rand(mask.shape, generator=g) * 2 - 0.2)
+    return model
+
+
+def kept_count(total: int, fraction: float) -> int:
+    return total - math.floor(round((1 - fraction) * total, 6))
+
+
+@pytest.mark.parametrize("variant", [{}, {"qk_norm": True, "init_values": 0.1}, {"qkv_bias": False}])
+def test_binary_masked_full_model_and_slim_model_give_the_same_logits(make_vit, variant):
+    vit = make_vit(**variant)
+    reference = vit(IMAGES)
+    model = slim_reducer(vit, budget={"attn": 0.6, "mlp": 0.45, "patch": 1.0})
+    with torch.no_grad():
+        model.mask_tokens.fill_(30.0)  # tanh = 1: no token is scaled
+    # The masked model at all-one masks is the stock timm model: it uses the original attention scale.
+    torch.testing.assert_close(model(IMAGES), reference, atol=1e-5, rtol=0)
+
+    searched_like(model)
+    with torch.no_grad():
+        model.mask_attn[1, 0] = -1.0  # a whole head goes
+        model.mask_attn[3] = -1.0     # every head of a block goes
+        model.mask_mlp[2] = -1.0      # every hidden unit of a block goes
+        model.mask_tokens.fill_(30.0)
+    slim = model.deployable()
+    with torch.no_grad():  # the binary-masked full model
+        model.mask_attn.copy_(slim.keep.attn.float())
+        model.mask_mlp.copy_(slim.keep.mlp.float())
+    torch.testing.assert_close(slim(IMAGES), model(IMAGES), atol=1e-5, rtol=0)
+
+    heads = [sum(n for n, _ in layout.groups) for layout in slim.layouts]
+    assert heads[1] == 1 and heads[3] == 0
+    assert len({w for layout in slim.layouts for _, w in layout.groups}) > 2  # heads of different widths
+    assert slim.vit.blocks[3].attn.qkv.out_features == 0 and slim.vit.blocks[2].mlp.fc1.out_features == 0
+    assert sum(b.attn.qkv.out_features for b in slim.vit.blocks) == 3 * kept_count(4 * 2 * 16, 0.6)
+    assert sum(b.mlp.fc1.out_features for b in slim.vit.blocks) == kept_count(4 * 128, 0.45)
+    assert not any("mask" in name for name, _ in slim.named_parameters())
+
+
+@pytest.mark.parametrize("rule", ["code", "paper"])
+def test_token_pruning_removes_tokens_like_gathering_before_each_timm_block(make_vit, rule):
+    vit = make_vit()
+    model = searched_like(slim_reducer(vit, budget={"attn": 1.0, "mlp": 1.0, "patch": 0.5}, token_rule=rule), 3)
+    slim = model.deployable()
+    kept = slim.keep.tokens
+    assert torch.all(kept[1:] <= kept[:-1])  # non-increasing with depth
+    fraction = kept.float().mean().item()
+    assert fraction >= 0.5 if rule == "code" else fraction <= 0.5
+    assert fraction != 1.0 and kept.sum(1).tolist() != [16] * 4
+
+    x, current = embed(vit, IMAGES), list(range(16))
+    for blk, keep in zip(vit.blocks, kept):
+        wanted = keep.nonzero().flatten().tolist()
+        x = x[:, [0] + [1 + current.index(p) for p in wanted]]  # CLS always stays
+        x, current = blk(x), wanted
+    torch.testing.assert_close(slim(IMAGES), classify(vit, x), atol=1e-5, rtol=0)
+    assert slim.cost().tokens_per_block == [1 + int(k.sum()) for k in kept]
+
+
+@pytest.mark.parametrize("backbone, budget, paper_gmacs, paper_params", [
+    ("deit_small", 0.7, 3.3, 15.6),
+    ("deit_base", 0.6, 10.6, 52.6),
+])
+def test_tokred_flops_reproduces_the_papers_operating_points(backbone, budget, paper_gmacs, paper_params):
+    row = measure([f"backbone={backbone}", "reducer=vit_slim", f"reducer.budget.attn={budget}",
+                   f"reducer.budget.mlp={budget}"])
+    assert row["gmacs_analytic"] == pytest.approx(paper_gmacs, rel=0.03)
+    assert row["params_m"] == pytest.approx(paper_params, rel=0.03)
+    assert row["gmacs_counted"] == pytest.approx(row["gmacs_analytic"], rel=0.02)
+    assert row["tokens_per_block"] == [197] * 12
+
+
+def test_deployable_is_built_from_the_config_alone_deterministically():
+    cfg = compose_config(["reducer=vit_slim", "reducer.budget.attn=0.5", "reducer.budget.mlp=0.4",
+                          "reducer.budget.patch=0.6"])
+    slim = build_model(cfg, 10).deployable()
+    again = build_model(cfg, 10).deployable()
+    assert slim.keep.equal(again.keep)
+    widths = slim.keep.attn.sum(-1)
+    assert widths.max() - widths.min() <= 1  # masks at init: every head keeps its first dims
+    units = [b.mlp.fc1.out_features for b in slim.vit.blocks]
+    assert max(units) - min(units) <= 1 and sum(units) == kept_count(12 * 384, 0.4)
+    tokens = slim.cost().tokens_per_block
+    assert max(tokens) - min(tokens) <= 1 and max(tokens) < 65
+    analytic = slim.cost().gmacs
+    assert counted_gmacs(slim, 64) == pytest.approx(analytic, rel=0.02)
+    assert count_params(slim) < count_params(build_model(compose_config(), 10))
+
+
+@pytest.mark.parametrize("knob, target", [("target_ratio", 0.6), ("target_gmacs", 0.05)])
+def test_target_gmacs_bisects_the_budget(knob, target):
+    cfg = compose_config(["reducer=vit_slim", f"reducer.{knob}={target}", "reducer.budget.patch=0.8"])
+    model = searched_like(build_model(cfg, 10))
+    goal = model.target_gmacs()
+    assert model.cost().gmacs == pytest.approx(goal, rel=0.03)
+    budget = model.budget()
+    assert budget.attn == budget.mlp < 1 and budget.patch == 0.8
+    slim = model.deployable()
+    assert slim.cost().gmacs == pytest.approx(goal, rel=0.03)
+    assert slim.structure()["slim"]["budget"]["attn"] == pytest.approx(budget.attn)
+    with pytest.raises(ValueError, match="cannot be met"):
+        build_model(compose_config(["reducer=vit_slim", "reducer.target_gmacs=0.001"]), 10).cost()
+
+
+def test_search_terms_weights_and_mask_weight_decay(make_vit):
+    model = slim_reducer(make_vit(), l1_weights=[2e-4, 0.0, 1e-4]).train()
+    labels = torch.tensor([0, 1, 2])
+    _, terms = model.losses(IMAGES, labels, nn.functional.cross_entropy)
+    assert terms["l1_attn"].item() == pytest.approx(2e-4 * 4 * 2 * 16)
+    assert terms["l1_tokens"].item() == pytest.approx(1e-4 * 4 * 16 * math.tanh(3.0), rel=1e-5)
+    assert terms["l1_mlp"].item() == 0 and not model.mask_mlp.requires_grad  # weight 0 freezes that mask type
+
+    groups = {g["name"]: g for g in build_param_groups(model, 1e-3, 0.05)}
+    assert [p.shape for p in groups["vit_slim_masks"]["params"]] == [model.mask_attn.shape, model.mask_tokens.shape]
+    assert groups["vit_slim_masks"]["weight_decay"] == 0.0
+    decayed = slim_reducer(make_vit(), mask_weight_decay=True)
+    assert {g["name"]: g for g in build_param_groups(decayed, 1e-3, 0.05)}["vit_slim_masks"]["weight_decay"] == 0.05
+    assert model.deployable().param_groups() == []
+
+
+def _metric(run_dir: str, name: str) -> list[float]:
+    with open(f"{run_dir}/csv/metrics.csv") as f:
+        return [float(row[name]) for row in csv.DictReader(f) if row.get(name)]
+
+
+def test_search_extract_retrain_in_one_run_resumable_and_phases_alone(run_cfg, tmp_path):
+    knobs = ["reducer=vit_slim", "reducer.search_epochs=1", "reducer.retrain_epochs=1", "reducer.search_lr=2e-2",
+             "reducer.l1_weights=[5e-2,2e-2,5e-2]", "reducer.budget.attn=0.5", "reducer.budget.mlp=0.5",
+             "reducer.budget.patch=0.7", "dataset.batch_size=8", "trainer.limit_train_batches=3",
+             "+trainer.num_sanity_val_steps=0"]
+    cfg = run_cfg(*knobs)
+    summary = train(cfg)
+    run = cfg.paths.output_dir
+
+    # The search: a strong l1 drives every mask type down, step after step.
+    for term in ("train/l1_attn", "train/l1_mlp", "train/l1_tokens"):
+        values = _metric(run, term)
+        assert len(values) == 3 and all(b < a for a, b in zip(values, values[1:])), (term, values)
+    searched = build_model(cfg, 10)
+    load_phase(searched, tmp_path / "run" / "phases" / "search.pt")
+    assert searched.mask_attn.mean() < 0.97 and searched.mask_mlp.mean() < 0.99
+
+    # Extraction hits the budget: exactly for the (head, dim) slots and MLP units, >= for tokens (code rule).
+    structure = torch.load(f"{run}/phases/extract.pt", weights_only=True)["structure"]["slim"]
+    assert sum(map(len, sum(structure["attn"], []))) == kept_count(12 * 3 * 32, 0.5)
+    assert sum(map(len, structure["mlp"])) == kept_count(12 * 384, 0.5)
+    assert sum(map(len, structure["tokens"])) >= 0.7 * 12 * 64
+    assert searched.deployable().keep.to_json() == {k: structure[k] for k in ("attn", "mlp", "tokens")}
+
+    # The standalone slim checkpoints (after extraction and after re-training) rebuild without the training code.
+    images = torch.randn(2, 3, 64, 64)
+    extracted = build_model(cfg, 10)
+    load_phase(extracted, tmp_path / "run" / "phases" / "extract.pt")
+    torch.testing.assert_close(load_deployable(f"{run}/phases/extract")(images), extracted.eval()(images))
+    final = build_model(cfg, 10)
+    load_phase(final, tmp_path / "run" / "phases" / "retrain.pt")
+    torch.testing.assert_close(load_deployable(f"{run}/export")(images), final.eval()(images))
+    assert summary["model/gmacs"] == pytest.approx(final.cost().gmacs) and final.slim
+    assert summary["model/gmacs_counted"] == pytest.approx(summary["model/gmacs"], rel=0.02)
+
+    # Re-launched, every phase is finished: nothing is re-run.
+    stamps = {p: os.path.getmtime(f"{run}/phases/{p}.pt") for p in ("search", "extract", "retrain")}
+    assert train(cfg)["model/gmacs"] == pytest.approx(summary["model/gmacs"])
+    assert stamps == {p: os.path.getmtime(f"{run}/phases/{p}.pt") for p in stamps}
+
+    # Extraction alone from the finished search, at another budget; then re-training alone from that extraction.
+    alone = run_cfg(*knobs, "reducer.phases=[extract]", f"reducer.init_checkpoint={run}/phases/search.pt",
+                    "reducer.budget.attn=0.3")
+    alone.paths.output_dir = str(tmp_path / "alone")
+    train(alone)
+    other = torch.load(tmp_path / "alone/phases/extract.pt", weights_only=True)["structure"]["slim"]
+    assert sum(map(len, sum(other["attn"], []))) == kept_count(12 * 3 * 32, 0.3)
+    assert other["mlp"] == structure["mlp"]  # the same searched masks, the same MLP budget
+    retrain = run_cfg(*knobs, "reducer.phases=[retrain]", f"reducer.init_checkpoint={tmp_path}/alone/phases/extract.pt")
+    retrain.paths.output_dir = str(tmp_path / "retrain")
+    assert train(retrain)["model/gmacs"] == pytest.approx(load_deployable(tmp_path / "alone/phases/extract").cost().gmacs)
+
+
+def test_standalone_checkpoint_loads_safely(tmp_path):
+    cfg = compose_config(["reducer=vit_slim", "reducer.budget.patch=0.5"])
+    model = searched_like(build_model(cfg, 10))
+    directory = save_deployable(model, tmp_path / "slim", {k: OmegaConf.to_container(cfg[k]) for k in ("backbone", "reducer")})
+    assert sorted(os.listdir(directory)) == ["config.json", "model.safetensors"]
+    images = torch.randn(2, 3, 64, 64)
+    loaded = load_deployable(directory)
+    torch.testing.assert_close(loaded(images), model.deployable()(images))
+    assert count_params(loaded) == count_params(model.deployable())
+
+    config = json.loads((directory / "config.json").read_text())
+    config["structure"]["slim"]["mlp"][0] = [0, 1, 9999]
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="bad mlp lists"):
+        load_deployable(directory)
+    config["structure"]["slim"]["mlp"][0] = [0, 1, 2]  # valid indices, but the weights have other shapes
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="does not match its config.json"):
+        load_deployable(directory)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("reducer.budget.attn=0", "reducer.budget.attn=0.0 must be in (0, 1]"),
+    ("reducer.budget.patch=1.5", "reducer.budget.patch=1.5"),
+    ("reducer.token_rule=both", "code, paper"),
+    ("reducer.l1_weights=[1e-4,1e-4]", "three weights"),
+    ("reducer.l1_weights=[1e-4,-1,1e-4]", "three weights"),
+    ("reducer.phases=[retrain,search]", "pipeline order"),
+    ("reducer.phases=[prune]", "subset of"),
+    ("reducer.phases=[extract]", "init_checkpoint"),
+    ("reducer.search_epochs=0", "reducer.search_epochs"),
+    ("reducer.retrain_epochs=0", "reducer.retrain_epochs"),
+    ("reducer.search_lr=0", "reducer.search_lr"),
+    ("+reducer.budget.heads=0.5", "valid knobs"),
+])
+def test_bad_knobs_are_rejected_naming_the_knob(override, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        validate(compose_config(["reducer=vit_slim", override]))
+
+
+def test_unsupported_backbones_and_missing_checkpoints_fail_clearly(make_vit, run_cfg):
+    for kwargs, fragment in [({"scale_attn_norm": True}, "scale_norm"), ({"scale_mlp_norm": True}, "hidden norm")]:
+        with pytest.raises(UnsupportedBackbone, match=fragment):
+            slim_reducer(make_vit(**kwargs))
+    cfg = run_cfg("reducer=vit_slim", "reducer.phases=[extract]", "reducer.init_checkpoint=/nowhere/search.pt")
+    with pytest.raises(FileNotFoundError, match="reducer.init_checkpoint"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("preset, backbone, budget", [("vit_slim_deit_s", "deit_small", 0.7),
+                                                      ("vit_slim_deit_b", "deit_base", 0.6)])
+def test_presets_compose_to_the_papers_recipe(preset, backbone, budget):
+    cfg = compose_config([f"experiment={preset}"])
+    validate(cfg)
+    assert cfg.backbone.name == backbone and cfg.backbone.pretrained
+    assert (cfg.reducer.budget.attn, cfg.reducer.budget.mlp, cfg.reducer.budget.patch) == (budget, budget, 1.0)
+    assert cfg.reducer.search_epochs == 50 and cfg.trainer.max_epochs == 300
+    assert cfg.optim.lr == 5e-4 and cfg.optim.lr_batch == 512 and cfg.optim.weight_decay == 0.05
