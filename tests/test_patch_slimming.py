@@ -86,6 +86,11 @@ def test_compact_model_equals_masked_full_length_reference(variant):
     reference, _, _ = masked_reference(vit, images, keep)
     torch.testing.assert_close(model(images), reference, atol=1e-5, rtol=1e-5)
     assert model.cost().tokens_per_block == [15, 12, 7, 3, 1]
+    maps = model.token_maps(images)
+    assert [m.block for m in maps] == list(range(5)) and all(m.kind == "kept" for m in maps)
+    for m, ids in zip(maps, keep):
+        assert m.values.shape == (3, 4, 4)
+        assert sorted((m.values[2].flatten().nonzero().flatten() + 1).tolist()) == ids[1:]  # patch p is token p+1
 
 
 def test_structure_round_trip_rebuilds_the_model():

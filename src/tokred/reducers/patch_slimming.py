@@ -38,7 +38,7 @@ from tqdm import tqdm
 from tokred.flops import BlockCost, ModelCost, bisect_budget, head_macs, num_tokens, stem_macs
 from tokred.io import atomic_write, atomic_write_json
 from tokred.reducers import register_reducer
-from tokred.reducers.base import Phase, ReducerConfig, TokenReducer
+from tokred.reducers.base import Phase, ReducerConfig, TokenMap, TokenReducer
 from tokred.vit_ops import UnsupportedBackbone, block_forward, check_standard_vit, embed, classify, project_qkv
 
 if TYPE_CHECKING:
@@ -330,6 +330,17 @@ class PatchSlimming(TokenReducer):
             return [finetune]
         return [Phase("search", epochs=0, run=lambda ctx: SlimmingSearch(self, ctx).run()), finetune]
 
+    @torch.no_grad()
+    def token_maps(self, images: torch.Tensor) -> list[TokenMap]:
+        """The static schedule on the patch grid: 1 where block l computes the patch; the same for every image."""
+        rows, cols = self.vit.patch_embed.grid_size
+        maps = []
+        for block, ids in enumerate(self.keep):
+            kept = torch.zeros(rows * cols, device=images.device)
+            kept[[i - 1 for i in ids if i]] = 1
+            maps.append(TokenMap(block, "kept", kept.view(1, rows, cols).expand(len(images), -1, -1)))
+        return maps
+
     # ---------------------------------------------------------------- accounting and structure
     def cost(self) -> ModelCost:
         return schedule_cost(self.vit, self.keep)
@@ -365,14 +376,6 @@ def _train_images_eval_transform(datamodule: "ImageDataModule") -> Dataset:
         return view
     log.warning("patch_slimming: cannot swap the training set's transform; scoring uses training augmentations")
     return train
-
-
-def _search_device(ctx: "PhaseContext") -> torch.device:
-    # run.py builds the PhaseContext with its default (CPU) device; a GPU trainer config should search on the GPU too.
-    if ctx.device.type == "cpu" and str(ctx.cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto") \
-            and torch.cuda.is_available():
-        return torch.device("cuda")
-    return ctx.device
 
 
 def next_epsilon(history: Sequence[tuple[float, float]], target: float, start: float, rtol: float) -> float | None:
@@ -411,7 +414,7 @@ class SlimmingSearch:
     def __init__(self, model: PatchSlimming, ctx: "PhaseContext") -> None:
         self.model, self.ctx, self.cfg, self.vit = model, ctx, model.cfg, model.vit
         self.root = ctx.phase_dir("search")
-        self.device = _search_device(ctx)
+        self.device = ctx.device
         self.original = {k: v.detach().cpu().clone() for k, v in self.vit.blocks.state_dict().items()}
         self.data = _train_images_eval_transform(ctx.datamodule)
         order = np.random.default_rng(_seed(self.cfg.seed, 0)).permutation(len(self.data))
