@@ -92,6 +92,9 @@ def test_token_pruning_removes_tokens_like_gathering_before_each_timm_block(make
         x, current = blk(x), wanted
     torch.testing.assert_close(slim(IMAGES), classify(vit, x), atol=1e-5, rtol=0)
     assert slim.cost().tokens_per_block == [1 + int(k.sum()) for k in kept]
+    maps = slim.token_maps(IMAGES)
+    assert [m.kind for m in maps] == ["kept"] * 4 and maps[2].values.shape == (3, 4, 4)
+    assert torch.equal(maps[2].values[1].flatten().bool(), kept[2])
 
 
 @pytest.mark.parametrize("backbone, budget, paper_gmacs, paper_params", [

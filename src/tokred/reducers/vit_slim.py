@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -36,7 +37,7 @@ from torch import nn
 
 from tokred.flops import BlockCost, ModelCost, bisect_budget, count_params, head_macs, stem_macs
 from tokred.reducers import register_reducer
-from tokred.reducers.base import Criterion, ParamGroup, Phase, ReducerConfig, TokenReducer
+from tokred.reducers.base import Criterion, ParamGroup, Phase, ReducerConfig, TokenMap, TokenReducer
 from tokred.vit_ops import (UnsupportedBackbone, attend, check_standard_vit, classify, embed, gather_tokens,
                             mlp_residual, project_qkv, split_heads)
 
@@ -346,9 +347,9 @@ class ViTSlim(TokenReducer):
         search_optim = {"scheduler": "constant", "lr": self.cfg.search_lr, "lr_batch": None,
                         "weight_decay": self.cfg.search_weight_decay, "warmup_epochs": 0}
         steps = {
-            "search": Phase("search", self.cfg.search_epochs, self._begin_search, search_optim),
-            "extract": Phase("extract", 0, self._extract),
-            "retrain": Phase("retrain", self.cfg.retrain_epochs, self._begin_retrain),
+            "search": Phase("search", self.cfg.search_epochs, self._run_search, search_optim),
+            "extract": Phase("extract", 0, self._run_extract),
+            "retrain": Phase("retrain", self.cfg.retrain_epochs, self._run_retrain),
         }
         return [steps[name] for name in self.cfg.phases]
 
@@ -364,12 +365,12 @@ class ViTSlim(TokenReducer):
                                     "<run_dir>/phases/<phase>.pt of an earlier run")
         try:
             load_phase(self, Path(path))
-        except (RuntimeError, KeyError) as err:
-            raise ValueError(f"reducer.init_checkpoint={path!r} does not fit this backbone "
-                             f"({str(err).splitlines()[0]}); set backbone=<the one it was trained with>") from None
+        except (RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as err:
+            raise ValueError(f"reducer.init_checkpoint={path!r} cannot be loaded ({str(err).splitlines()[0]}); it "
+                             "must be a <run_dir>/phases/<phase>.pt of a run with this backbone") from None
         self.phase = phase
 
-    def _begin_search(self, ctx: "PhaseContext") -> None:
+    def _run_search(self, ctx: "PhaseContext") -> None:
         self._start(ctx, "search")
         if self.slim:
             raise ValueError("reducer=vit_slim: the search needs the masked full model, but the model is already "
@@ -378,21 +379,21 @@ class ViTSlim(TokenReducer):
             log.warning("vit_slim: searching from a randomly initialised backbone; the method slims a converged "
                         "model (set backbone.pretrained=true or backbone.checkpoint=PATH)")
 
-    def _extract(self, ctx: "PhaseContext") -> None:
+    def _run_extract(self, ctx: "PhaseContext") -> None:
         from tokred.export import save_deployable
 
         self._start(ctx, "extract")
         if self.slim:
             raise ValueError("reducer=vit_slim: extract needs a searched (masked) model, but the model is already "
                              "extracted; point reducer.init_checkpoint at a phases/search.pt")
-        self.strip_training_parts()
+        self.extract()
         cost, kept = self.cost(), self.kept_fractions()
         log.info("vit_slim: extracted at budget %s: kept %s, %.3f GMACs, %.2f M params", self.slim_budget, kept,
                  cost.gmacs, count_params(self) / 1e6)
         ctx.log({"extract/gmacs": cost.gmacs, **{f"extract/kept_{k}": v for k, v in kept.items()}})
         save_deployable(self, ctx.phase_dir("extract"), OmegaConf.to_container(ctx.cfg, resolve=True))
 
-    def _begin_retrain(self, ctx: "PhaseContext") -> None:
+    def _run_retrain(self, ctx: "PhaseContext") -> None:
         self._start(ctx, "retrain")
         if not self.slim:
             raise ValueError("reducer=vit_slim: retrain needs an extracted model; put extract before it in "
@@ -408,8 +409,9 @@ class ViTSlim(TokenReducer):
         gmacs_at = lambda b: self._cost(self._select(b, b, patch)).gmacs
         low, high = gmacs_at(0.0), gmacs_at(1.0)
         if not low * 0.97 <= target <= high * 1.03:
-            raise ValueError(f"reducer.target_gmacs={target:.3f} cannot be met: vit_slim spans {low:.3f}.."
-                             f"{high:.3f} GMACs at reducer.budget.patch={patch}; change the target or budget.patch")
+            raise ValueError(f"the target of {target:.3f} GMACs (reducer.target_gmacs / target_ratio) cannot be met: "
+                             f"vit_slim spans {low:.3f}..{high:.3f} GMACs at reducer.budget.patch={patch}; change the "
+                             "target or budget.patch")
         b = max(bisect_budget(gmacs_at, target, 0.0, 1.0, tol=1e-4), 1e-4)  # > 0: a valid Budget
         return Budget(b, b, patch)
 
@@ -421,9 +423,18 @@ class ViTSlim(TokenReducer):
                     _top_fraction(self.mask_mlp.detach().float().cpu(), mlp),
                     _monotone_tokens(tokens, self.cfg.token_rule))
 
+    def current_keep(self) -> Keep:
+        """The slim model's structure, or while searching the one extraction would give now."""
+        return self.keep if self.slim else self._select(**asdict(self.budget()))
+
     def kept_fractions(self) -> dict[str, float]:
-        keep = self.keep if self.slim else self._select(**asdict(self.budget()))
-        return {k: round(float(v.float().mean()), 4) for k, v in asdict(keep).items()}
+        return {k: round(float(v.float().mean()), 4) for k, v in asdict(self.current_keep()).items()}
+
+    def extract(self) -> None:
+        """Slim the model at the budget from the current masks."""
+        budget = self.budget()
+        self._slim(self._select(**asdict(budget)))
+        self.slim_budget = asdict(budget)
 
     def _slim(self, keep: Keep) -> None:
         """Physically slim every block to ``keep``, copying the kept weights unscaled (the binary mask is 1 there),
@@ -464,9 +475,7 @@ class ViTSlim(TokenReducer):
     def strip_training_parts(self) -> None:
         """The deployable model is the slim one: extract at the budget from the current masks, if not done yet."""
         if not self.slim:
-            budget = self.budget()
-            self._slim(self._select(**asdict(budget)))
-            self.slim_budget = asdict(budget)
+            self.extract()
 
     # ---------------------------------------------------------------- accounting and structure
     def _cost(self, keep: Keep) -> ModelCost:
@@ -486,7 +495,14 @@ class ViTSlim(TokenReducer):
         return ModelCost(blocks, stem_macs(self.vit), head_macs(self.vit), tokens_per_block=[b.n_q for b in blocks])
 
     def cost(self) -> ModelCost:
-        return self._cost(self.keep if self.slim else self._select(**asdict(self.budget())))
+        return self._cost(self.current_keep())
+
+    @torch.no_grad()
+    def token_maps(self, images: torch.Tensor) -> list[TokenMap]:
+        """The patches entering each block: static, the same for every image."""
+        grid = self.vit.patch_embed.grid_size
+        kept = self.current_keep().tokens.to(images.device, torch.float32)
+        return [TokenMap(i, "kept", k.view(1, *grid).expand(images.shape[0], -1, -1)) for i, k in enumerate(kept)]
 
     def structure(self) -> dict[str, Any]:
         slim = None if not self.slim else {**self.keep.to_json(), "budget": self.slim_budget}
