@@ -72,6 +72,7 @@ def test_binary_masked_full_model_and_slim_model_give_the_same_logits(make_vit, 
     assert sum(b.attn.qkv.out_features for b in slim.vit.blocks) == 3 * kept_count(4 * 2 * 16, 0.6)
     assert sum(b.mlp.fc1.out_features for b in slim.vit.blocks) == kept_count(4 * 128, 0.45)
     assert not any("mask" in name for name, _ in slim.named_parameters())
+    assert counted_gmacs(slim, 32) == pytest.approx(slim.cost().gmacs, rel=0.02)  # incl. q.k at full width (qk-norm)
 
 
 @pytest.mark.parametrize("rule", ["code", "paper"])
