@@ -1,0 +1,291 @@
+"""``tokred-benchmark``'s work: every backbone x registered reducer, at the papers' operating points and at matched
+budgets, costed (params, analytic and counted GMACs) and timed in one interleaved run per backbone.
+
+The rows to measure come from ``conf/benchmark.yaml``: ``operating_points.<reducer>`` lists each reducer's paper
+configurations (override lists plus the papers' reported GMACs and top-1); a registered reducer without an entry is
+measured at its default config. Matched-budget rows add ``reducer.target_ratio=<b>`` for every ``budgets`` entry:
+the reducer sets its own knob to meet it, the harness only reads back what it achieved.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from tokred.benchmark.outputs import Column, fmt, md_table, scatter_plot, write_csv, write_json, write_text
+from tokred.benchmark.timing import SpeedSettings, machine_info, measure_speed, prepare, setup, steps_per_model
+from tokred.benchmark.wandb_log import log_rows
+from tokred.config import ConfigError, compose_config, group_choices, validate
+from tokred.reducers import available_reducers, reducer_class
+from tokred.training.run import build_model, model_stats
+
+# A row whose speed-up over `none` is below this share of its GMACs reduction is flagged in the tables.
+SPEEDUP_FLAG = 0.85
+# Matched-budget rows further than this from the requested GMACs are flagged (the reducers promise 3%).
+BUDGET_TOLERANCE_PCT = 3.0
+
+
+@dataclass
+class Entry:
+    """One row to measure: a backbone x reducer configuration."""
+
+    backbone: str
+    reducer: str
+    point: str  # short label: the operating point's name or "r=0.50"
+    kind: str  # baseline | operating_point | matched_budget
+    overrides: list[str] = field(default_factory=list)
+    target_ratio: float | None = None
+    paper_gmacs: float | None = None
+    paper_top1: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.backbone}/{self.reducer}/{self.point}"
+
+
+def _paper(point: Mapping[str, Any], backbone: str, what: str) -> float | None:
+    value = (point.get("paper") or {}).get(backbone, {}).get(what)
+    return None if value is None else float(value)
+
+
+def plan(cfg: DictConfig) -> list[Entry]:
+    """The rows of a benchmark run, baseline first per backbone; raises ConfigError on unknown names."""
+    known = group_choices("backbone")
+    for backbone in cfg.backbones:
+        if backbone not in known:
+            raise ConfigError(f"unknown backbone {backbone!r} in backbones; choose from: {', '.join(known)}")
+    reducers = list(cfg.reducers) if cfg.reducers else available_reducers()
+    for name in reducers:
+        reducer_class(name)  # one-line ValueError listing the registered reducers
+    points = OmegaConf.to_container(cfg.operating_points, resolve=True) or {}
+    entries = []
+    for backbone in cfg.backbones:
+        base = (points.get("none") or [{}])[0]
+        entries.append(Entry(backbone, "none", base.get("label", "baseline"), "baseline", [],
+                             paper_gmacs=_paper(base, backbone, "gmacs"), paper_top1=_paper(base, backbone, "top1")))
+        for name in reducers:
+            if name == "none":
+                continue
+            for point in points.get(name) or [{"label": "default", "overrides": []}]:
+                overrides = [*point.get("overrides", []), *(point.get("backbone_overrides") or {}).get(backbone, [])]
+                entries.append(Entry(backbone, name, point["label"], "operating_point", overrides,
+                                     paper_gmacs=_paper(point, backbone, "gmacs"),
+                                     paper_top1=_paper(point, backbone, "top1")))
+            for ratio in cfg.budgets:
+                entries.append(Entry(backbone, name, f"r={float(ratio):.2f}", "matched_budget",
+                                     [f"reducer.target_ratio={float(ratio)}"], target_ratio=float(ratio)))
+    keys = [e.key for e in entries]
+    for key in {k for k in keys if keys.count(k) > 1}:
+        raise ConfigError(f"two benchmark rows are both {key!r}; give the operating points of that reducer distinct "
+                          "labels in conf/benchmark.yaml (r=<budget> labels are taken by the matched budgets)")
+    return entries
+
+
+def build(entry: Entry) -> tuple[nn.Module, dict[str, Any]]:
+    """The deployable model of ``entry`` (ImageNet's 1000 classes, like tokred-flops) and its cost figures."""
+    cfg = compose_config([f"backbone={entry.backbone}", f"reducer={entry.reducer}", *entry.overrides], "flops")
+    validate(cfg)
+    model = build_model(cfg, int(cfg.num_classes))
+    img_size = int(cfg.backbone.img_size)
+    stats = model_stats(model, img_size)
+    return model.deployable(), {
+        "model": cfg.backbone.model,
+        "img_size": img_size,
+        "params_m": round(stats["model/params_m"], 4),
+        "gmacs": round(stats["model/gmacs"], 4),
+        "gmacs_counted": round(stats["model/gmacs_counted"], 4),
+        "tokens_per_block": json.dumps(stats["model/tokens_per_block"]),
+        "knobs": json.dumps(model.knobs(), default=str),
+    }
+
+
+def _relative(rows: list[dict[str, Any]]) -> None:
+    """Fill each row's figures relative to the baseline of its backbone (measured in the same interleaved run)."""
+    base = next(r for r in rows if r["kind"] == "baseline")
+    for row in rows:
+        row["gmacs_ratio"] = round(base["gmacs"] / row["gmacs"], 4)
+        row["speedup"] = round(row["throughput"] / base["throughput"], 4)
+        row["speedup_per_gmacs_ratio"] = round(row["speedup"] / row["gmacs_ratio"], 4)
+        row["latency_speedup"] = (round(base["latency_ms"] / row["latency_ms"], 4)
+                                  if row["latency_ms"] and base["latency_ms"] else None)
+        row["slow"] = row["kind"] != "baseline" and row["speedup_per_gmacs_ratio"] < SPEEDUP_FLAG
+        if row["target_ratio"] is not None:
+            target = row["target_ratio"] * base["gmacs"]
+            row["target_gmacs"] = round(target, 4)
+            row["budget_error_pct"] = round(100 * (row["gmacs"] - target) / target, 2)
+
+
+def run_benchmark(
+    cfg: DictConfig, progress: Callable[[int], Any] | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Measure every planned row; returns (machine, measured rows, failed rows).
+
+    ``progress(total)`` returns a tqdm-like bar (``update``, ``set_postfix_str``, ``close``), or pass None.
+    A row that cannot be built (a budget out of a reducer's reach, a missing config) becomes a failed row with
+    its error message instead of aborting the other rows; the baseline failing aborts the run.
+    """
+    settings = SpeedSettings.from_mapping(cfg)
+    device = setup(settings)
+    machine = machine_info(device)
+    entries = plan(cfg)
+    per_model = 1 + steps_per_model(settings)  # +1: building and costing the row
+    bar = progress(len(entries) * per_model) if progress else None
+
+    def tick(name: str) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(name, refresh=False)
+
+    context = {**machine, "batch_size": settings.batch_size, "precision": settings.precision,
+               "compile": settings.compile}
+    rows, failed = [], []
+    for backbone in cfg.backbones:
+        models: dict[str, tuple[nn.Module, int]] = {}
+        measured: list[tuple[str, dict[str, Any]]] = []
+        for entry in (e for e in entries if e.backbone == backbone):
+            row = {**context, "backbone": entry.backbone, "reducer": entry.reducer, "point": entry.point,
+                   "kind": entry.kind, "overrides": " ".join(entry.overrides), "target_ratio": entry.target_ratio,
+                   "paper_gmacs": entry.paper_gmacs, "paper_top1": entry.paper_top1}
+            try:
+                model, stats = build(entry)
+            except Exception as err:  # recorded, printed and turned into a non-zero exit by the CLI
+                if entry.kind == "baseline":
+                    raise
+                failed.append({**row, "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"})
+                if bar is not None:
+                    bar.update(per_model)
+                continue
+            tick(entry.key)
+            models[entry.key] = (prepare(model, settings, device), stats["img_size"])
+            measured.append((entry.key, {**row, **stats}))
+        speeds = measure_speed(models, settings, device, tick)
+        for key, row in measured:
+            speed = speeds[key]
+            row.update(throughput=round(speed.throughput, 3), throughput_iqr_pct=round(speed.throughput_iqr_pct, 2),
+                       latency_ms=None if speed.latency_ms is None else round(speed.latency_ms, 3),
+                       peak_mem_mb=None if speed.peak_mem_mb is None else round(speed.peak_mem_mb, 1))
+        _relative([row for _, row in measured])
+        rows.extend(row for _, row in measured)
+    if bar is not None:
+        bar.close()
+    return machine, rows, failed
+
+
+def top1_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with a paper-reported top-1, as plot points (``top1`` = the paper's ImageNet figure)."""
+    return [{**r, "top1": r["paper_top1"]} for r in rows if r.get("paper_top1") is not None]
+
+
+COLUMNS = [
+    "backbone", "model", "img_size", "reducer", "point", "kind", "overrides", "target_ratio", "target_gmacs",
+    "budget_error_pct", "params_m", "gmacs", "gmacs_counted", "gmacs_ratio", "throughput", "throughput_iqr_pct",
+    "speedup", "speedup_per_gmacs_ratio", "slow", "latency_ms", "latency_speedup", "peak_mem_mb", "paper_gmacs",
+    "paper_top1", "tokens_per_block", "knobs", "batch_size", "precision", "compile", "machine", "device",
+    "device_name", "threads", "torch", "timm", "cuda", "python", "error",
+]
+
+
+def _point_cell(row: dict[str, Any]) -> str:
+    error = row.get("budget_error_pct")
+    if error is None:
+        return row["point"]
+    off = " ✗" if abs(error) > BUDGET_TOLERANCE_PCT else ""
+    return f"{row['point']} ({error:+.1f}%{off})"
+
+
+def _speedup_cell(row: dict[str, Any]) -> str:
+    flag = " ⚠" if row["slow"] else ""
+    return f"{row['speedup']:.2f}×{flag}"
+
+
+MD_COLUMNS: list[Column] = [
+    ("reducer", lambda r: r["reducer"]),
+    ("point", _point_cell),
+    ("params (M)", lambda r: fmt(r["params_m"], ".2f")),
+    ("GMACs", lambda r: fmt(r["gmacs"], ".3f")),
+    ("counted", lambda r: fmt(r["gmacs_counted"], ".3f")),
+    ("paper", lambda r: fmt(r["paper_gmacs"], ".3g")),
+    ("GMACs ratio", lambda r: f"{r['gmacs_ratio']:.2f}×"),
+    ("img/s", lambda r: f"{r['throughput']:.1f} ±{r['throughput_iqr_pct']:.0f}%"),
+    ("speed-up", _speedup_cell),
+    ("speed-up ÷ ratio", lambda r: fmt(r["speedup_per_gmacs_ratio"], ".2f")),
+    ("latency bs1 (ms)", lambda r: fmt(r["latency_ms"], ".1f")),
+    ("peak mem (MB)", lambda r: fmt(r["peak_mem_mb"], ".0f")),
+    ("paper top-1", lambda r: fmt(r["paper_top1"], ".1f")),
+]
+
+
+def markdown(machine: dict[str, Any], settings: SpeedSettings, rows: list[dict[str, Any]],
+             failed: list[dict[str, Any]], command: str) -> str:
+    s = settings
+    mem = ("CUDA max_memory_allocated above the pre-pass level" if machine["device"] == "cuda" else
+           "rise of the process's peak resident set during one pass (Linux VmHWM)")
+    lines = [
+        f"# tokred benchmark: {machine['device_name']} ({machine['threads']} threads)",
+        "",
+        f"torch {machine['torch']}, timm {machine['timm']}, python {machine['python']}"
+        + (f", CUDA {machine['cuda']}" if machine["device"] == "cuda" else "")
+        + f". Batch {s.batch_size}, {s.precision}, torch.compile {'on' if s.compile else 'off'}; "
+        f"{s.warmup} warm-up pass(es), median of {s.repeats} interleaved rounds of {s.iters} pass(es); "
+        f"latency: batch 1, median of {s.latency_repeats} rounds. Untrained weights, random input. "
+        f"Regenerate: `{command}`.",
+        "",
+        "*GMACs ratio* = baseline GMACs / row GMACs (the speed-up GMACs promise); *speed-up* = row img/s / baseline "
+        f"img/s, both timed interleaved in this run. ⚠: speed-up below {SPEEDUP_FLAG} × GMACs ratio. "
+        f"Matched-budget rows show the achieved GMACs' deviation from the requested budget (✗: over "
+        f"{BUDGET_TOLERANCE_PCT:.0f}%). *paper*: the papers' reported GMACs / ImageNet top-1 at that operating "
+        f"point, not measured here. Peak memory: {mem}, excluding weights.",
+    ]
+    for backbone in dict.fromkeys(r["backbone"] for r in rows):
+        sub = [r for r in rows if r["backbone"] == backbone]
+        lines += ["", f"## {backbone} ({sub[0]['model']}, {sub[0]['img_size']} px)", "", md_table(sub, MD_COLUMNS)]
+    slow = [r for r in rows if r["slow"]]
+    if slow:
+        lines += ["", f"### Speed-up below {SPEEDUP_FLAG} × GMACs ratio", ""]
+        lines += [f"- {r['backbone']} {r['reducer']} {r['point']}: {r['speedup']:.2f}× measured vs "
+                  f"{r['gmacs_ratio']:.2f}× fewer GMACs ({r['speedup_per_gmacs_ratio']:.2f})" for r in slow]
+    if failed:
+        lines += ["", "## Not measured", ""]
+        lines += [f"- {r['backbone']} {r['reducer']} {r['point']} (`{r['overrides']}`): {r['error']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(cfg: DictConfig, machine: dict[str, Any], rows: list[dict[str, Any]],
+                  failed: list[dict[str, Any]], command: str) -> list[Path]:
+    """benchmark.{csv,json,md} and the plots under ``<out_dir>/<machine>/``; returns the paths written."""
+    settings = SpeedSettings.from_mapping(cfg)
+    out = Path(cfg.out_dir) / (cfg.machine or machine["machine"])
+    paths = [out / "benchmark.csv", out / "benchmark.json", out / "benchmark.md"]
+    write_csv(paths[0], [*rows, *failed], COLUMNS)
+    write_json(paths[1], {"machine": machine, "settings": settings.as_dict(), "budgets": list(cfg.budgets),
+                          "command": command, "rows": rows, "failed": failed})
+    write_text(paths[2], markdown(machine, settings, rows, failed, command))
+    paper = top1_rows(rows)
+    plots = {
+        "gmacs_vs_throughput": scatter_plot(
+            out / "benchmark_gmacs_vs_throughput.png", rows, "gmacs", "throughput", xlabel="GMACs (analytic)",
+            ylabel="throughput (img/s)", title=f"throughput vs GMACs, batch {settings.batch_size} "
+            f"{settings.precision}, {machine['device_name']}", ideal=True),
+        "top1_vs_gmacs": scatter_plot(
+            out / "benchmark_top1_vs_gmacs.png", paper, "gmacs", "top1", xlabel="GMACs (analytic, ours)",
+            ylabel="paper-reported ImageNet top-1 (%)", title="paper top-1 vs GMACs", pareto="lower_x"),
+        "top1_vs_throughput": scatter_plot(
+            out / "benchmark_top1_vs_throughput.png", paper, "throughput", "top1",
+            xlabel="throughput (img/s, measured here)", ylabel="paper-reported ImageNet top-1 (%)",
+            title="paper top-1 vs throughput", pareto="higher_x"),
+    }
+    paths += [out / f"benchmark_{name}.png" for name, written in plots.items() if written]
+    if cfg.wandb.enabled:
+        log_rows(
+            [*rows, *failed], COLUMNS,
+            [("gmacs", "throughput", "throughput vs GMACs"), ("gmacs", "paper_top1", "paper top-1 vs GMACs"),
+             ("throughput", "paper_top1", "paper top-1 vs throughput")],
+            project=cfg.wandb.project, name=cfg.wandb.name or f"benchmark-{machine['machine']}", job_type="benchmark",
+            config={**machine, **settings.as_dict()}, images={p.stem: p for p in paths if p.suffix == ".png"},
+        )
+    return paths
