@@ -17,7 +17,7 @@ from tokred.cli.flops import measure
 from tokred.config import ConfigError, compose_config, validate
 from tokred.export import load_deployable, save_deployable
 from tokred.flops import count_params, counted_gmacs
-from tokred.reducers import create_reducer
+from tokred.reducers import create_reducer, reducer_config
 from tokred.training.optim import build_param_groups
 from tokred.training.phases import load_phase
 from tokred.training.run import build_model, train
@@ -275,3 +275,9 @@ def test_presets_compose_to_the_papers_recipe(preset, backbone, budget):
     assert (cfg.reducer.budget.attn, cfg.reducer.budget.mlp, cfg.reducer.budget.patch) == (budget, budget, 1.0)
     assert cfg.reducer.search_epochs == 50 and cfg.trainer.max_epochs == 300
     assert cfg.optim.lr == 5e-4 and cfg.optim.lr_batch == 512 and cfg.optim.weight_decay == 0.05
+
+
+def test_the_yaml_mirrors_the_config_defaults():
+    from tokred.reducers.vit_slim import Config
+
+    assert reducer_config(compose_config(["reducer=vit_slim"]).reducer) == Config()
