@@ -97,8 +97,8 @@ def build(entry: Entry) -> tuple[nn.Module, dict[str, Any]]:
         "model": cfg.backbone.model,
         "img_size": img_size,
         "params_m": round(stats["model/params_m"], 4),
-        "gmacs": round(stats["model/gmacs"], 4),
-        "gmacs_counted": round(stats["model/gmacs_counted"], 4),
+        "gmacs": round(stats["model/gmacs"], 6),
+        "gmacs_counted": round(stats["model/gmacs_counted"], 6),
         "tokens_per_block": json.dumps(stats["model/tokens_per_block"]),
         "knobs": json.dumps(model.knobs(), default=str),
     }
@@ -116,7 +116,7 @@ def _relative(rows: list[dict[str, Any]]) -> None:
         row["slow"] = row["kind"] != "baseline" and row["speedup_per_gmacs_ratio"] < SPEEDUP_FLAG
         if row["target_ratio"] is not None:
             target = row["target_ratio"] * base["gmacs"]
-            row["target_gmacs"] = round(target, 4)
+            row["target_gmacs"] = round(target, 6)
             row["budget_error_pct"] = round(100 * (row["gmacs"] - target) / target, 2)
 
 
