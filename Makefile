@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test flops clean
+.PHONY: help install train test flops benchmark compare report clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,16 @@ test: $(STAMP) ## run the test suite
 
 flops: $(STAMP) ## analytic and counted GMACs: make flops ARGS="backbone=deit_small reducer=none"
 	$(BIN)/tokred-flops $(ARGS)
+
+benchmark: $(STAMP) ## speed and cost of every reducer vs none (~15 min on 2 CPU cores): make benchmark ARGS="batch_size=128"
+	$(BIN)/tokred-benchmark $(ARGS)
+
+compare: $(STAMP) ## accuracy comparison: baseline + every reducer at 2 budgets on the built-in data, then the report (~1 h)
+	$(BIN)/tokred-compare $(ARGS)
+
+RUNS ?= multirun/compare
+report: $(STAMP) ## table and Pareto plots of the training runs under RUNS (default multirun/compare)
+	$(BIN)/tokred-report $(RUNS) $(ARGS)
 
 clean: ## remove run outputs (keeps .venv)
 	rm -rf outputs multirun .pytest_cache

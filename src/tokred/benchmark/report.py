@@ -1,0 +1,230 @@
+"""``tokred-report``'s work: gather the ``summary.json`` of every training run under a directory into one table,
+time the runs' exported models with the benchmark harness, and plot accuracy against GMACs and throughput with the
+Pareto front marked.
+
+Top-1 here is what ``tokred-train`` measured on the run's validation set (not a paper figure); the runs' own
+``export/`` directories are what gets timed, the ``none`` run of the same backbone being the speed-up baseline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from tokred.benchmark.outputs import (
+    Column, fmt, md_table, pareto_front, scatter_plot, write_csv, write_json, write_text,
+)
+from tokred.benchmark.timing import (
+    SpeedSettings, machine_info, measure_speed, prepare, resolve_device, setup, steps_per_model,
+)
+from tokred.benchmark.wandb_log import log_rows
+from tokred.export import load_deployable
+from tokred.reducers import reducer_class
+
+REQUIRED = ("backbone", "reducer", "model/gmacs", "val/acc1")
+
+COLUMNS = [
+    "backbone", "dataset", "reducer", "point", "kind", "target_ratio", "params_m", "gmacs", "gmacs_counted",
+    "gmacs_ratio", "top1", "top5", "pareto_gmacs", "throughput", "throughput_iqr_pct", "speedup", "latency_ms",
+    "peak_mem_mb", "pareto_throughput", "knobs", "run_dir", "machine", "device_name", "threads", "torch", "timm",
+    "batch_size", "precision", "compile",
+]
+
+
+class ReportError(ValueError):
+    """A runs directory the report cannot use; the one-line message names the file and the fix."""
+
+
+def _label(reducer: str, knobs: dict[str, Any]) -> str:
+    """Short name of a run's configuration: its budget, else the knobs that differ from the reducer's defaults."""
+    if reducer == "none":
+        return "baseline"
+    if knobs.get("target_ratio") is not None:
+        return f"r={float(knobs['target_ratio']):.2f}"
+    if knobs.get("target_gmacs") is not None:
+        return f"{float(knobs['target_gmacs']):.3g} GMACs"
+    try:
+        defaults = asdict(reducer_class(reducer).Config())
+    except ValueError:  # a run of a reducer this checkout does not have: no defaults to compare with
+        defaults = {}
+    # Checkpoint paths (a teacher, an init checkpoint) say where weights came from, not what was built.
+    changed = [f"{k}={v}" for k, v in knobs.items()
+               if k in defaults and v != defaults[k] and not (isinstance(v, str) and "/" in v)]
+    return " ".join(changed) or "default"
+
+
+def _load(path: Path, runs_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReportError(f"{path} is not a readable JSON file ({err}); delete it or re-run that training run") from None
+    missing = [k for k in REQUIRED if k not in data] if isinstance(data, dict) else list(REQUIRED)
+    if missing:
+        raise ReportError(f"{path} lacks {', '.join(missing)}, so it is no finished tokred-train summary; re-run that "
+                          f"run (tokred-train resumes it) or move it out of {runs_dir}")
+    knobs = data.get("reducer_knobs") or {}
+    acc5 = data.get("val/acc5")
+    return {
+        "backbone": data["backbone"],
+        "dataset": data.get("dataset"),
+        "reducer": data["reducer"],
+        "point": _label(data["reducer"], knobs),
+        "kind": "baseline" if data["reducer"] == "none" else "trained",
+        "target_ratio": knobs.get("target_ratio"),
+        "params_m": data.get("model/params_m"),
+        "gmacs": float(data["model/gmacs"]),
+        "gmacs_counted": data.get("model/gmacs_counted"),
+        "top1": round(100 * float(data["val/acc1"]), 2),
+        "top5": None if acc5 is None else round(100 * float(acc5), 2),
+        "knobs": json.dumps(knobs, default=str),
+        "run_dir": str(path.parent),  # where it is now; the summary's own run_dir may be another machine's path
+    }
+
+
+def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
+    """One row per ``summary.json`` under ``runs_dir`` (recursively), sorted by backbone, reducer and GMACs."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise ReportError(f"runs directory {runs_dir} does not exist; pass the directory `make compare` or "
+                          "`tokred-train -m` wrote (e.g. multirun/compare)")
+    paths = sorted(runs_dir.rglob("summary.json"))
+    if not paths:
+        raise ReportError(f"no summary.json under {runs_dir}; every finished tokred-train run writes "
+                          "<run_dir>/summary.json: run `make compare` or tokred-train first, or pass their directory")
+    rows = [_load(p, runs_dir) for p in paths]
+    rows.sort(key=lambda r: (r["backbone"], r["reducer"] != "none", r["reducer"], -r["gmacs"]))
+    for backbone in {r["backbone"] for r in rows}:
+        sub = [r for r in rows if r["backbone"] == backbone]
+        base = next((r for r in sub if r["reducer"] == "none"), None)
+        front = set(pareto_front([r["gmacs"] for r in sub], [r["top1"] for r in sub], higher_x_better=False))
+        for i, row in enumerate(sub):
+            row["pareto_gmacs"] = i in front
+            row["gmacs_ratio"] = round(base["gmacs"] / row["gmacs"], 4) if base else None
+    return rows
+
+
+def measure_runs(rows: list[dict[str, Any]], settings: SpeedSettings,
+                 progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """Time every run's exported model, interleaved per backbone; fills the speed columns and returns the machine."""
+    device = setup(settings)
+    machine = machine_info(device)
+    bar = progress(len(rows) * steps_per_model(settings)) if progress else None
+
+    def tick(name: str) -> None:
+        if bar is not None:
+            bar.update(1)
+
+    for backbone in dict.fromkeys(r["backbone"] for r in rows):
+        sub = [r for r in rows if r["backbone"] == backbone]
+        models: dict[str, tuple[nn.Module, int]] = {}
+        for row in sub:
+            model = load_deployable(Path(row["run_dir"]) / "export")  # CheckpointError names the fix
+            models[row["run_dir"]] = (prepare(model, settings, device), int(model.vit.patch_embed.img_size[0]))
+        speeds = measure_speed(models, settings, device, tick)
+        base = next((speeds[r["run_dir"]] for r in sub if r["reducer"] == "none"), None)
+        for row in sub:
+            speed = speeds[row["run_dir"]]
+            row.update(throughput=round(speed.throughput, 3), throughput_iqr_pct=round(speed.throughput_iqr_pct, 2),
+                       latency_ms=None if speed.latency_ms is None else round(speed.latency_ms, 3),
+                       peak_mem_mb=None if speed.peak_mem_mb is None else round(speed.peak_mem_mb, 1),
+                       speedup=round(speed.throughput / base.throughput, 4) if base else None,
+                       **{k: machine[k] for k in ("machine", "device_name", "threads", "torch", "timm")},
+                       batch_size=settings.batch_size, precision=settings.precision, compile=settings.compile)
+        front = set(pareto_front([r["throughput"] for r in sub], [r["top1"] for r in sub], higher_x_better=True))
+        for i, row in enumerate(sub):
+            row["pareto_throughput"] = i in front
+    if bar is not None:
+        bar.close()
+    return machine
+
+
+MD_COLUMNS: list[Column] = [
+    ("reducer", lambda r: r["reducer"]),
+    ("point", lambda r: r["point"]),
+    ("params (M)", lambda r: fmt(r["params_m"], ".2f")),
+    ("GMACs", lambda r: fmt(r["gmacs"], ".4f")),
+    ("GMACs ratio", lambda r: "–" if r["gmacs_ratio"] is None else f"{r['gmacs_ratio']:.2f}×"),
+    ("top-1 (%)", lambda r: f"{r['top1']:.2f}" + (" ◆" if r["pareto_gmacs"] else "")),
+    ("top-5 (%)", lambda r: fmt(r["top5"], ".2f")),
+    ("img/s", lambda r: "–" if r.get("throughput") is None else
+     f"{r['throughput']:.1f} ±{r['throughput_iqr_pct']:.0f}%" + (" ◆" if r["pareto_throughput"] else "")),
+    ("speed-up", lambda r: "–" if r.get("speedup") is None else f"{r['speedup']:.2f}×"),
+    ("latency bs1 (ms)", lambda r: fmt(r.get("latency_ms"), ".1f")),
+    ("run", lambda r: f"`{r['run_dir']}`"),
+]
+
+
+@dataclass
+class ReportPaths:
+    csv: Path
+    json: Path
+    md: Path
+    plots: list[Path]
+
+    def show(self) -> None:
+        """Print the markdown table and where every file went."""
+        print(self.md.read_text())
+        print("wrote " + ", ".join(str(p) for p in [self.csv, self.json, self.md, *self.plots]))
+
+
+def write_report(rows: list[dict[str, Any]], runs_dir: Path, out: Path, name: str, machine: dict[str, Any] | None,
+                 settings: SpeedSettings | None, command: str) -> ReportPaths:
+    """``<name>.{csv,json,md}`` and ``<name>_top1_vs_{gmacs,throughput}.png`` under ``out``."""
+    timed = machine is not None and settings is not None
+    speed_line = (
+        f"Throughput: exported models, batch {settings.batch_size}, {settings.precision}, median of "
+        f"{settings.repeats} interleaved rounds on {machine['device_name']} ({machine['threads']} threads), "
+        f"torch {machine['torch']}; speed-up vs the `none` run of the same backbone." if timed else
+        "Throughput not measured (--no-speed)."
+    )
+    datasets = sorted({str(r["dataset"]) for r in rows})
+    lines = [
+        f"# tokred comparison: {', '.join(datasets)}",
+        "",
+        f"{len(rows)} runs under `{runs_dir}`. Top-1/top-5: validation accuracy measured by tokred-train on "
+        f"{', '.join(datasets)} (not paper figures). GMACs: analytic, per image. ◆: on the Pareto front (top-1 vs "
+        f"GMACs, resp. vs throughput) of its backbone. {speed_line} Regenerate: `{command}`.",
+    ]
+    for backbone in dict.fromkeys(r["backbone"] for r in rows):
+        lines += ["", f"## {backbone}", "", md_table([r for r in rows if r["backbone"] == backbone], MD_COLUMNS)]
+    paths = ReportPaths(out / f"{name}.csv", out / f"{name}.json", out / f"{name}.md", [])
+    write_csv(paths.csv, rows, COLUMNS)
+    write_json(paths.json, {"runs_dir": str(runs_dir), "machine": machine, "command": command,
+                            "settings": settings.as_dict() if settings else None, "rows": rows})
+    write_text(paths.md, "\n".join(lines) + "\n")
+    label = f"val top-1 on {', '.join(datasets)} (%)"
+    for x, axis, unit, pareto in (("gmacs", "GMACs", " (analytic)", "lower_x"),
+                                  ("throughput", "throughput", " (img/s)", "higher_x")):
+        path = out / f"{name}_top1_vs_{x}.png"
+        if scatter_plot(path, rows, x, "top1", xlabel=axis + unit, ylabel=label,
+                        title=f"trained runs: top-1 vs {axis}", pareto=pareto):
+            paths.plots.append(path)
+    return paths
+
+
+def log_report(rows: Sequence[dict[str, Any]], paths: ReportPaths, project: str, run_name: str,
+               machine: dict[str, Any] | None) -> str:
+    """The report's rows as a wandb.Table with top-1 vs GMACs / throughput scatters and the PNGs."""
+    scatters = [("gmacs", "top1", "top-1 vs GMACs")]
+    if any(r.get("throughput") is not None for r in rows):
+        scatters.append(("throughput", "top1", "top-1 vs throughput"))
+    return log_rows(rows, COLUMNS, scatters, project=project, name=run_name, job_type="report",
+                    config=machine or {}, images={p.stem: p for p in paths.plots})
+
+
+def make_report(runs_dir: Path, out_dir: Path, *, settings: SpeedSettings | None, machine_name: str | None = None,
+                name: str = "compare", wandb_project: str | None = None, command: str = "tokred-report",
+                progress: Callable[[int], Any] | None = None) -> ReportPaths:
+    """The whole report: load the runs, time them (``settings=None``: don't), write the files, log to wandb if
+    ``wandb_project`` is given. Files go to ``<out_dir>/<machine_name or the device's machine slug>/``."""
+    rows = load_runs(runs_dir)
+    machine = measure_runs(rows, settings, progress) if settings is not None else None
+    slug = machine_name or (machine or machine_info(resolve_device("auto")))["machine"]
+    paths = write_report(rows, runs_dir, Path(out_dir) / slug, name, machine, settings, command)
+    if wandb_project:
+        print(f"wandb run: {log_report(rows, paths, wandb_project, f'{name}-{slug}', machine)}")
+    return paths
