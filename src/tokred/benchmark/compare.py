@@ -1,0 +1,115 @@
+"""``tokred-compare [overrides]`` (``make compare``): baseline, reducer sweeps from it, then the report.
+
+The grid is ``conf/compare.yaml``. Each step is a real ``tokred-train`` process, the sweeps Hydra multiruns over
+``reducer.target_ratio``, so what the comparison ran is exactly what a user can re-run by hand (``dry_run=true``
+prints the commands). Run directories are deterministic (``<runs_dir>/none/baseline``,
+``<runs_dir>/<reducer>/r<budget>``): a re-launch skips runs that wrote their ``summary.json`` and lets
+``tokred-train`` resume the interrupted ones from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
+
+from tokred.benchmark.report import make_report
+from tokred.benchmark.timing import SpeedSettings
+from tokred.config import compose_config, fail
+from tokred.reducers import available_reducers, reducer_class
+
+
+@dataclass
+class Step:
+    """One tokred-train invocation: the baseline (a single run) or one reducer's multirun over the budgets."""
+
+    name: str
+    args: list[str]
+    run_dirs: list[Path]  # the runs it produces; all of them holding a summary.json means the step is done
+
+    @property
+    def done(self) -> bool:
+        return all((d / "summary.json").is_file() for d in self.run_dirs)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "tokred.cli.train", *self.args]
+
+
+def baseline_dir(runs_dir: Path) -> Path:
+    return runs_dir / "none" / "baseline"
+
+
+def plan(cfg: DictConfig) -> list[Step]:
+    """The baseline step, then one sweep step per reducer, for budgets whose run has not finished yet."""
+    runs_dir = Path(cfg.runs_dir).resolve()
+    # The checkpoint path is quoted so Hydra reads it as one string whatever characters the path holds.
+    cfg.baseline_ckpt = f"'{baseline_dir(runs_dir) / 'export' / 'model.safetensors'}'"
+    common = [*cfg.train, f"logger={'wandb' if cfg.wandb else 'csv'}"]
+    steps = [Step("baseline", [*common, "reducer=none", *cfg.baseline, f"hydra.run.dir={baseline_dir(runs_dir)}"],
+                  [baseline_dir(runs_dir)])]
+    reducers = list(cfg.reducers) if cfg.reducers else available_reducers()
+    for name in reducers:
+        reducer_class(name)  # one-line ValueError listing the registered reducers
+        if name == "none":
+            continue
+        sweep = cfg.sweeps[name] if name in cfg.sweeps else cfg.default_sweep
+        sweep_dir = runs_dir / name
+        # Hydra names a budget's directory r<target_ratio> (str of the float, as below).
+        todo = [float(b) for b in cfg.budgets if not (sweep_dir / f"r{float(b)}" / "summary.json").is_file()]
+        runs = [sweep_dir / f"r{float(b)}" for b in cfg.budgets]
+        args = ["-m", *common, f"reducer={name}", *sweep,
+                f"reducer.target_ratio={','.join(str(b) for b in todo)}",
+                f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=r${reducer.target_ratio}"]
+        steps.append(Step(name, args, runs))
+    return steps
+
+
+def run(cfg: DictConfig) -> list[str]:
+    """Run the plan (or print it with ``dry_run``), then the report; returns the names of the steps that failed."""
+    steps = plan(cfg)
+    failed = []
+    for step in steps:
+        if step.done:
+            print(f"tokred-compare: {step.name}: done already ({', '.join(str(d) for d in step.run_dirs)})")
+            continue
+        print(f"tokred-compare: {step.name}: {shlex.join(step.command())}", flush=True)
+        if cfg.dry_run:
+            continue
+        if subprocess.run(step.command()).returncode != 0:
+            if step.name == "baseline":
+                raise RuntimeError("the baseline run failed (its error is printed above); every sweep starts from it, "
+                                   "so fix that first and re-run tokred-compare")
+            failed.append(step.name)
+    if cfg.dry_run:
+        return failed
+    report = cfg.report
+    paths = make_report(
+        Path(cfg.runs_dir), Path(report.out_dir), machine_name=report.machine,
+        settings=SpeedSettings.from_mapping(report) if report.speed else None,
+        wandb_project=report.wandb_project if cfg.wandb else None,
+        command=f"tokred-report {shlex.quote(str(cfg.runs_dir))}",
+        progress=lambda total: tqdm(total=total, desc="timing runs", unit="step", dynamic_ncols=True),
+    )
+    paths.show()
+    return failed
+
+
+def main() -> None:
+    try:
+        cfg = compose_config(sys.argv[1:], config_name="compare")
+        OmegaConf.set_struct(cfg, False)  # baseline_ckpt is filled in by plan()
+        failed = run(cfg)
+    except (ValueError, RuntimeError) as err:
+        fail("tokred-compare", err)
+    except (HydraException, OmegaConfBaseException) as err:
+        fail("tokred-compare", ValueError(f"{str(err).strip().splitlines()[0]} (keys: see conf/compare.yaml)"))
+    if failed:
+        fail("tokred-compare", RuntimeError(f"sweeps failed: {', '.join(failed)} (errors above); the report covers "
+                                            "the runs that finished; re-run tokred-compare to resume the rest"))
