@@ -1,0 +1,245 @@
+"""The benchmark harness, the comparison report and the compare driver, on tiny models (no timing asserts)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tokred.benchmark import compare, harness
+from tokred.benchmark.outputs import pareto_front
+from tokred.cli import benchmark as benchmark_cli
+from tokred.cli import report as report_cli
+from tokred.config import compose_config
+from tokred.export import save_deployable
+from tokred.reducers import available_reducers
+from tokred.reducers.base import TokenReducer
+from tokred.training.run import build_model
+
+REDUCERS = [r for r in available_reducers() if r != "none"]
+BUDGETS = [0.5, 0.65]
+TINY_TIMING = ["batch_size=2", "warmup=1", "repeats=2", "iters=1", "latency_repeats=1"]
+
+
+def bench_cfg(tmp_path: Path, *overrides: str):
+    return compose_config(["backbones=[deit_tiny_cpu]", *TINY_TIMING, f"out_dir={tmp_path}", "machine=test",
+                           *overrides], config_name="benchmark")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One harness run over every registered reducer (operating points + both budgets) and its written files."""
+    out = tmp_path_factory.mktemp("bench")
+    cfg = bench_cfg(out)
+    machine, rows, failed = harness.run_benchmark(cfg)
+    paths = harness.write_results(cfg, machine, rows, failed, "tokred-benchmark (test)")
+    return rows, failed, paths
+
+
+def test_harness_covers_every_registered_reducer(bench):
+    rows, failed, _ = bench
+    assert failed == []
+    assert {r["reducer"] for r in rows} == set(available_reducers())
+    for name in REDUCERS:
+        kinds = [r["kind"] for r in rows if r["reducer"] == name]
+        assert "operating_point" in kinds
+        assert sorted(r["target_ratio"] for r in rows if r["reducer"] == name and r["kind"] == "matched_budget") == BUDGETS
+
+
+def test_harness_rows_are_well_formed(bench):
+    rows, _, _ = bench
+    base = next(r for r in rows if r["kind"] == "baseline")
+    assert base["reducer"] == "none" and base["speedup"] == 1 and base["gmacs_ratio"] == 1
+    for row in rows:
+        for key in ("params_m", "gmacs", "gmacs_counted", "throughput", "latency_ms"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (row["point"], key)
+        assert row["peak_mem_mb"] is None or row["peak_mem_mb"] >= 0
+        assert row["device"] == "cpu" and row["device_name"] and row["threads"] >= 1 and row["torch"] and row["timm"]
+        assert row["speedup"] == pytest.approx(row["throughput"] / base["throughput"], rel=1e-3)
+        assert row["gmacs_ratio"] == pytest.approx(base["gmacs"] / row["gmacs"], rel=1e-3)
+        assert row["slow"] == (row["kind"] != "baseline" and row["speedup_per_gmacs_ratio"] < harness.SPEEDUP_FLAG)
+        assert len(json.loads(row["tokens_per_block"])) == 12  # deit_tiny_cpu's depth
+        assert json.loads(row["knobs"])["name"] == row["reducer"]
+        if row["kind"] == "matched_budget":
+            assert row["target_gmacs"] == pytest.approx(row["target_ratio"] * base["gmacs"], rel=1e-3)
+
+
+def test_harness_writes_tables_and_plots(bench):
+    rows, _, paths = bench
+    names = {p.name for p in paths}
+    assert {"benchmark.csv", "benchmark.json", "benchmark.md", "benchmark_gmacs_vs_throughput.png"} <= names
+    with paths[0].open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and set(harness.COLUMNS) == set(table[0])
+    assert json.loads(paths[1].read_text())["rows"] == json.loads(json.dumps(rows))
+    md = paths[2].read_text()
+    for row in rows:
+        assert f"| {row['reducer']} | {row['point']}" in md
+    assert "speed-up ÷ ratio" in md and "GMACs ratio" in md
+    png = next(p for p in paths if p.name == "benchmark_gmacs_vs_throughput.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("ratio", BUDGETS)
+@pytest.mark.parametrize("reducer", REDUCERS)
+def test_matched_budget_within_3_percent(reducer, ratio):
+    """At the benchmark's own resolution (DeiT-Ti, 224 px): each reducer meets the requested share of the GMACs."""
+    cfg = compose_config(["backbone=deit_tiny", f"reducer={reducer}", f"reducer.target_ratio={ratio}"], "flops")
+    model = build_model(cfg, int(cfg.num_classes))
+    requested = ratio * TokenReducer.cost(model).gmacs  # the unreduced backbone, as the reducers resolve the ratio
+    achieved = model.cost().gmacs
+    assert abs(achieved - requested) / requested <= 0.03, f"{reducer}: {achieved:.4f} GMACs for {requested:.4f}"
+
+
+def test_failed_row_is_reported_not_hidden(tmp_path, monkeypatch, capsys):
+    real_build = harness.build
+
+    def build(entry):
+        if entry.kind == "matched_budget":
+            raise ValueError("target out of reach (test)")
+        return real_build(entry)
+
+    monkeypatch.setattr(harness, "build", build)
+    reducer = REDUCERS[0]
+    monkeypatch.setattr(sys, "argv", ["tokred-benchmark", "backbones=[deit_tiny_cpu]", *TINY_TIMING,
+                                      f"reducers=[{reducer}]", "budgets=[0.5]", f"out_dir={tmp_path}", "machine=test"])
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_cli.main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"not measured: deit_tiny_cpu {reducer} r=0.50: ValueError: target out of reach (test)" in err
+    assert "## Not measured" in (tmp_path / "test" / "benchmark.md").read_text()
+    with (tmp_path / "test" / "benchmark.csv").open() as f:
+        errors = [r["error"] for r in csv.DictReader(f)]
+    assert errors.count("ValueError: target out of reach (test)") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nonsense=1"], "nonsense"),
+    (["backbones=[deit_huge]"], "unknown backbone 'deit_huge'"),
+    (["reducers=[tome]"], "unknown reducer 'tome'"),
+    (["precision=fp8"], "precision='fp8'; choose one of: fp32, bf16, fp16"),
+])
+def test_benchmark_config_errors_are_one_line(args, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["tokred-benchmark", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_pareto_front():
+    # (GMACs, top-1): the 2nd is dominated by the 3rd (cheaper and better); the 4th ties the cheapest.
+    gmacs, top1 = [4.6, 3.5, 3.0, 1.2, 1.2], [79.8, 78.0, 79.4, 70.0, 65.0]
+    assert sorted(pareto_front(gmacs, top1, higher_x_better=False)) == [0, 2, 3]
+    throughput = [100.0, 120.0, 150.0, 300.0, 280.0]
+    assert sorted(pareto_front(throughput, top1, higher_x_better=True)) == [0, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------------------ report
+RUNS = [  # (reducer, target_ratio, val/acc1): evo_vit is dominated by sit (cheaper and more accurate)
+    ("none", None, 0.90),
+    ("sit", 0.5, 0.86),
+    ("evo_vit", 0.65, 0.80),
+]
+
+
+def write_run(run_dir: Path, reducer: str, ratio: float | None, acc1: float, export: bool) -> None:
+    """A finished tokred-train run as the report sees it: summary.json (+ export/) with test-chosen accuracies."""
+    overrides = ["backbone=deit_tiny_cpu", f"reducer={reducer}"] + ([f"reducer.target_ratio={ratio}"] if ratio else [])
+    cfg = compose_config(overrides, "flops")
+    model = build_model(cfg, 10)
+    cost = model.cost()
+    if export:
+        save_deployable(model, run_dir / "export", OmegaConf.to_container(cfg, resolve=True))
+    summary = {"backbone": "deit_tiny_cpu", "backbone_model": cfg.backbone.model, "reducer": reducer,
+               "reducer_knobs": model.knobs(), "dataset": "synthetic", "model/gmacs": cost.gmacs,
+               "model/gmacs_counted": cost.gmacs, "model/params_m": 1.4, "val/acc1": acc1, "val/acc5": 1.0,
+               "run_dir": "/elsewhere/run"}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for i, (reducer, ratio, acc1) in enumerate(RUNS):
+        write_run(root / reducer / str(i), reducer, ratio, acc1, export=True)
+    return root
+
+
+def test_report_turns_runs_into_table_and_plots(runs, tmp_path, capsys):
+    out = tmp_path / "results"
+    report_cli.main([str(runs), "--out-dir", str(out), "--machine", "test", "--batch-size", "2", "--repeats", "1",
+                     "--latency-repeats", "1"])
+    assert "wrote" in capsys.readouterr().out
+    with (out / "test" / "compare.csv").open() as f:
+        table = {r["reducer"]: r for r in csv.DictReader(f)}
+    assert set(table) == {"none", "sit", "evo_vit"}
+    assert {k: table[k]["pareto_gmacs"] for k in table} == {"none": "True", "sit": "True", "evo_vit": "False"}
+    assert table["sit"]["point"] == "r=0.50" and table["none"]["point"] == "baseline"
+    assert float(table["sit"]["top1"]) == 86.0 and float(table["none"]["speedup"]) == 1.0
+    assert all(float(r["throughput"]) > 0 for r in table.values())
+    assert Path(table["sit"]["run_dir"]) == runs / "sit" / "1"  # where the run is now, not the summary's old path
+    md = (out / "test" / "compare.md").read_text()
+    assert "| sit | r=0.50 |" in md and "86.00 ◆" in md and "80.00 ◆" not in md
+    for plot in ("compare_top1_vs_gmacs.png", "compare_top1_vs_throughput.png"):
+        assert (out / "test" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_logs_wandb_table_offline(runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    report_cli.main([str(runs), "--out-dir", str(tmp_path / "results"), "--machine", "test", "--no-speed", "--wandb"])
+    tables = list((tmp_path / "wandb").glob("offline-run-*/files/media/table/rows_*.table.json"))
+    assert len(tables) == 1
+    logged = json.loads(tables[0].read_text())
+    assert len(logged["data"]) == len(RUNS) and "top1" in logged["columns"] and "gmacs" in logged["columns"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no summary.json under"),
+    ("{", "is not a readable JSON file"),
+    ('{"backbone": "deit_tiny_cpu", "reducer": "none"}', "lacks model/gmacs, val/acc1"),
+])
+def test_report_bad_runs_dir_is_one_line(content, message, tmp_path, capsys):
+    if content is not None:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "summary.json").write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        report_cli.main([str(tmp_path), "--no-speed", "--out-dir", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "results").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ compare
+def test_compare_chains_sweeps_onto_the_baseline(tmp_path):
+    cfg = compose_config([f"runs_dir={tmp_path}"], config_name="compare")
+    OmegaConf.set_struct(cfg, False)
+    (tmp_path / "sit" / "r0.5").mkdir(parents=True)
+    (tmp_path / "sit" / "r0.5" / "summary.json").write_text("{}")
+    steps = {s.name: s for s in compare.plan(cfg)}
+    assert list(steps)[0] == "baseline" and set(steps) == {"baseline", *REDUCERS}
+    baseline = steps["baseline"]
+    assert "reducer=none" in baseline.args and f"hydra.run.dir={tmp_path / 'none' / 'baseline'}" in baseline.args
+    ckpt = f"'{tmp_path / 'none' / 'baseline' / 'export' / 'model.safetensors'}'"
+    for name, step in steps.items():
+        if name == "baseline":
+            continue
+        assert step.args[0] == "-m" and f"reducer={name}" in step.args
+        assert not any("${" in a for a in step.args if not a.startswith("hydra.sweep.subdir="))  # all resolved
+        assert step.run_dirs == [tmp_path / name / f"r{b}" for b in BUDGETS]
+    assert f"reducer.teacher={ckpt}" in steps["sit"].args
+    assert "reducer.target_ratio=0.65" in steps["sit"].args  # r=0.5 finished already: only 0.65 is left to run
+    assert f"backbone.checkpoint={ckpt}" in steps["vit_slim"].args
+    assert f"backbone.checkpoint={ckpt}" in steps["patch_slimming"].args
+    assert not any(a.startswith("backbone.checkpoint=") for a in steps["evo_vit"].args)  # from scratch
+    assert "trainer.max_epochs=10" in steps["evo_vit"].args and "trainer.max_epochs=10" in baseline.args
+    assert not baseline.done and not steps["sit"].done
