@@ -1,0 +1,114 @@
+"""One DataModule for every image-classification source; sources differ only in how they build their splits."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import lightning as L
+import torch
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
+
+from tokred.data.errors import DatasetError
+from tokred.data.files import cifar, image_folder
+from tokred.data.synthetic import ShapesDataset
+from tokred.data.transforms import PIL_AUG_KEYS
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _synthetic(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset, int]:
+    aug = cfg.get("aug") or {}
+    unsupported = [k for k in PIL_AUG_KEYS if aug.get(k)]
+    if unsupported:
+        raise DatasetError(f"dataset=synthetic does not use dataset.aug.{unsupported[0]} (only hflip, mixup, cutmix "
+                           "and repeated_aug); remove it or use an image dataset")
+    norm = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    hflip = float(aug.get("hflip", 0.5))
+    train_tf = v2.Compose([v2.RandomHorizontalFlip(hflip), norm]) if hflip > 0 else norm
+    make = lambda split, size, tf: ShapesDataset(size, cfg["img_size"], cfg["num_classes"], cfg["seed"], split, tf)
+    return make("train", cfg["train_size"], train_tf), make("val", cfg["val_size"], norm), cfg["num_classes"]
+
+
+# dataset.source (default: dataset.name) -> builder of (train split, val split, number of classes).
+DATASETS: dict[str, Callable[[Mapping[str, Any]], tuple[Dataset, Dataset, int]]] = {
+    "synthetic": _synthetic,
+    "cifar10": cifar,
+    "cifar100": cifar,
+    "imagefolder": image_folder,
+}
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train/val loaders over datasets built lazily by ``DATASETS[cfg.name]``.
+
+    Samplers are Lightning's (distributed when the trainer is) unless ``aug.repeated_aug`` is set: then timm's
+    RepeatAugSampler shards the training set itself, and the trainer must run with ``use_distributed_sampler=False``
+    (:func:`uses_own_sampler`).
+    """
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self._train: Dataset | None = None
+        self._val: Dataset | None = None
+        self._num_classes: int | None = None
+
+    def _build(self) -> None:
+        if self._train is None:
+            self._train, self._val, self._num_classes = DATASETS[source(self.cfg)](self.cfg)
+
+    @property
+    def num_classes(self) -> int:
+        self._build()
+        return self._num_classes
+
+    @property
+    def train_set(self) -> Dataset:
+        self._build()
+        return self._train
+
+    @property
+    def val_set(self) -> Dataset:
+        self._build()
+        return self._val
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(self, dataset: Dataset, train: bool, sampler: Any = None) -> DataLoader:
+        workers = int(self.cfg.get("num_workers", 0))
+        return DataLoader(dataset, batch_size=int(self.cfg["batch_size"]), shuffle=train and sampler is None,
+                          sampler=sampler, drop_last=train, num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        if not uses_own_sampler(self.cfg):
+            return self._loader(self.train_set, train=True)
+        replicas, rank = self._world()
+        repeats = int(self.cfg["aug"].get("repeats", 3))
+        return self._loader(self.train_set, True, RepeatAugSampler(self.train_set, replicas, rank, num_repeats=repeats))
+
+    def val_dataloader(self) -> DataLoader:
+        replicas, rank = self._world()
+        if uses_own_sampler(self.cfg) and replicas > 1:
+            return self._loader(self.val_set, False, DistributedSampler(self.val_set, replicas, rank, shuffle=False))
+        return self._loader(self.val_set, train=False)
+
+
+def uses_own_sampler(cfg: Mapping[str, Any]) -> bool:
+    """Whether the DataModule shards the data itself (repeated augmentation)."""
+    return bool((cfg.get("aug") or {}).get("repeated_aug", False))
+
+
+def source(cfg: Mapping[str, Any]) -> str:
+    """The builder a dataset config uses: ``imagenet`` is an ImageFolder, ``synthetic`` is itself."""
+    return cfg.get("source") or cfg["name"]
+
+
+def build_datamodule(cfg: Mapping[str, Any]) -> ImageDataModule:
+    if source(cfg) not in DATASETS:
+        raise DatasetError(f"unknown dataset source {source(cfg)!r}; choose one of: {', '.join(sorted(DATASETS))}")
+    return ImageDataModule(cfg)
