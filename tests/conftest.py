@@ -32,6 +32,17 @@ def tiny_vit(**kwargs) -> VisionTransformer:
     return VisionTransformer(**{**args, **kwargs}).eval()
 
 
+@pytest.fixture(autouse=True)
+def _isolated_outputs(tmp_path_factory, monkeypatch):
+    """No test writes into the repository or the user's wandb directories, and wandb never goes online."""
+    root = tmp_path_factory.mktemp("env")
+    monkeypatch.setenv("TOKRED_ROOT", str(root))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(root / "wandb"))
+
+
 @pytest.fixture
 def make_vit():
     return tiny_vit

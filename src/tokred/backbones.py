@@ -102,7 +102,7 @@ def load_backbone_checkpoint(model: VisionTransformer, path: str | Path, reset_h
     if reset_head:
         for k in head_keys:
             state.pop(k)
-    elif head_keys and state["head.weight"].shape != expected["head.weight"].shape:
+    elif head_keys and state["head.weight"].shape[0] != expected["head.weight"].shape[0]:
         raise CheckpointError(
             f"checkpoint {str(path)!r} has a {state['head.weight'].shape[0]}-class head but the dataset has "
             f"{expected['head.weight'].shape[0]} classes; set backbone.reset_head=true to fine-tune with a new head"

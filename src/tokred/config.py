@@ -22,8 +22,9 @@ def conf_dir() -> Path:
 
 
 def group_choices(group: str) -> list[str]:
+    """Config names of ``group``; files whose name starts with ``_`` are shared bases, not choices."""
     root = conf_dir() / group
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if not p.name.startswith("_"))
 
 
 class ConfigError(ValueError):
@@ -48,9 +49,19 @@ def validate(cfg: DictConfig) -> None:
                           f"use a multiple of {patch}, e.g. {img // patch * patch}")
     if "img_size" in cfg.dataset and int(cfg.dataset.img_size) != img:
         raise ConfigError(f"dataset.img_size={cfg.dataset.img_size} differs from backbone.img_size={img}")
-    for key in ("batch_size",):
-        if int(cfg.dataset[key]) < 1:
-            raise ConfigError(f"dataset.{key}={cfg.dataset[key]} must be >= 1")
+    batch = int(cfg.dataset.batch_size)
+    if batch < 1:
+        raise ConfigError(f"dataset.batch_size={batch} must be >= 1")
+    aug = cfg.dataset.get("aug") or {}
+    if (aug.get("mixup", 0) or aug.get("cutmix", 0)) and batch % 2:
+        raise ConfigError(f"dataset.batch_size={batch} must be even with mixup/cutmix (timm pairs each image with "
+                          f"another); use {batch + 1}, or set dataset.aug.mixup=0 dataset.aug.cutmix=0")
+    if "train_size" in cfg.dataset and int(cfg.dataset.train_size) < batch:
+        raise ConfigError(f"dataset.train_size={cfg.dataset.train_size} is smaller than dataset.batch_size={batch}; "
+                          "training drops incomplete batches, so no step would run: lower the batch size")
+    every = cfg.get("checkpoint", {}).get("every_n_train_steps", 0)
+    if int(every) < 0:
+        raise ConfigError(f"checkpoint.every_n_train_steps={every} must be >= 0 (0: save at epoch ends only)")
     if float(cfg.optim.lr) <= 0:
         raise ConfigError(f"optim.lr={cfg.optim.lr} must be > 0")
     if cfg.optim.get("scheduler", "cosine") not in ("cosine", "constant"):
@@ -68,6 +79,15 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train") ->
         return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)
 
 
-def fail(program: str, err: BaseException) -> NoReturn:
+def runs_root(overrides: Sequence[str] = ()) -> Path:
+    """The directory that holds the run directories of this config: the parent of ``hydra.run.dir``."""
+    check_group_overrides(overrides)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    return Path(cfg.hydra.run.dir).parent
+
+
+def fail(program: str, err: BaseException, code: int = 2) -> NoReturn:
+    """Print ``<program>: error: <message>`` (one line) and exit; 2 for bad input, 1 for a failed run."""
     print(f"{program}: error: {err}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)

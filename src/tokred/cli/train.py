@@ -1,19 +1,45 @@
-"""``tokred-train [overrides]``: train a backbone x reducer x dataset, every phase of the reducer's pipeline."""
+"""``tokred-train [overrides]``: train a backbone x reducer x dataset, every phase of the reducer's pipeline.
+
+User errors (bad config, missing or broken data, unusable checkpoints, a diverging loss) print one line,
+``tokred-train: error: ...``, naming the fix.
+"""
 
 from __future__ import annotations
 
-import logging
+import os
 import sys
+import time
+from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
 
 from tokred.backbones import CheckpointError
-from tokred.config import ConfigError, check_group_overrides, conf_dir, fail, validate
+from tokred.config import ConfigError, check_group_overrides, conf_dir, fail, runs_root, validate
+from tokred.data import DatasetError
+from tokred.training.module import NonFiniteLossError
+from tokred.training.phases import find_resume
 from tokred.training.run import train
 
-log = logging.getLogger("tokred")
-USER_ERRORS = (ConfigError, CheckpointError, ValueError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, DatasetError, ValueError, FileNotFoundError)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def report(summary: dict[str, Any]) -> str:
+    """What a finished run prints: accuracy, cost, and where everything is."""
+    return "\n".join([
+        f"val top-1 {_percent(summary['val/acc1'])} (best epoch {_percent(summary['val/acc1_best'])}), "
+        f"top-5 {_percent(summary['val/acc5'])}, {summary['model/gmacs']:.3f} GMACs, "
+        f"{summary['model/params_m']:.2f} M params",
+        f"run directory: {summary['run_dir']} (summary.json, export/)",
+        f"checkpoints:   {summary['checkpoints']} (continue with: tokred-train <same overrides> "
+        f"ckpt_path={summary['run_dir']})",
+        f"logs:          {summary['logs']}",
+    ])
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
@@ -23,17 +49,49 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         summary = train(cfg)
     except USER_ERRORS as err:
         fail("tokred-train", err)
-    acc = summary.get("val/acc1")
-    log.info("done: val top-1 %s, %.3f GMACs, %.2f M params", "n/a" if acc is None else f"{100 * acc:.2f}%",
-             summary["model/gmacs"], summary["model/params_m"])
-    log.info("run directory: %s (checkpoints/, export/, summary.json)", summary["run_dir"])
-    return acc  # Hydra sweepers (Optuna) optimise the returned value
+    except NonFiniteLossError as err:
+        fail("tokred-train", err, code=1)
+    if rank_zero_only.rank == 0:
+        print(report(summary), flush=True)
+    return summary["val/acc1"]  # Hydra sweepers (Optuna) optimise the returned value
+
+
+def _quote(value: Any) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def launch_overrides(args: list[str]) -> list[str]:
+    """Overrides that make Hydra write a resumed or multi-process run into one directory.
+
+    ``ckpt_path=last`` / a run directory: Hydra's run directory becomes that run's (its own config files go to
+    ``.hydra/resume-<time>/`` so the original ones stay). Several SLURM tasks: one directory named after the job
+    step instead of one timestamped directory per task. Lightning's own DDP launcher passes ``hydra.run.dir`` to the
+    processes it starts, which therefore keep it.
+    """
+    if any(a.startswith("hydra.run.dir=") for a in args):
+        return args
+    extra: list[str] = []
+    ckpt = next((a.split("=", 1)[1] for a in reversed(args) if a.startswith("ckpt_path=")), None)
+    if ckpt not in (None, "", "null"):
+        run_dir, file = find_resume(ckpt, runs_root(args))
+        extra.append(f"ckpt_path={_quote(file or run_dir)}")
+        if run_dir is not None:
+            stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+            extra += [f"hydra.run.dir={_quote(run_dir)}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        step = f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+        extra.append(f"hydra.run.dir={_quote(runs_root(args) / f'slurm-{step}')}")
+    rank = int(os.environ.get("SLURM_PROCID", "0"))
+    if rank > 0:
+        extra += ["hydra.output_subdir=null", f"hydra.job.name=train_rank{rank}"]
+    return args + extra
 
 
 def main() -> None:
     try:
         check_group_overrides(sys.argv[1:])
-    except ConfigError as err:
+        sys.argv[1:] = launch_overrides(sys.argv[1:])
+    except USER_ERRORS as err:
         fail("tokred-train", err)
     _hydra_main()
 

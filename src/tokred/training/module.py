@@ -27,19 +27,24 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smooth
 
 
 class TokredModule(L.LightningModule):
+    """Trains and evaluates a reducer; ``optim``/``lr`` are only needed to fit, ``meta`` (the config that rebuilds the
+    model: backbone, reducer, num_classes) is stored in every checkpoint so resume and tokred-eval can check it."""
+
     def __init__(
         self,
         model: TokenReducer,
-        optim: Mapping[str, Any],
+        optim: Mapping[str, Any] | None,
         num_classes: int,
-        lr: float,
+        lr: float = 0.0,
         label_smoothing: float = 0.0,
         mixup: nn.Module | None = None,
         teacher: nn.Module | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
-        self.optim_cfg = dict(optim)
+        self.optim_cfg = dict(optim or {})
+        self.meta = dict(meta or {})
         self.lr = lr
         self.label_smoothing = label_smoothing
         self.mixup = mixup
@@ -75,7 +80,11 @@ class TokredModule(L.LightningModule):
             images, targets = self.mixup(images, labels)
         logits, terms = self.model.losses(images, targets, self.criterion, self.teacher)
         loss = torch.stack(list(terms.values())).sum()
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:
+            # All ranks must stop together: a rank left running would wait forever in the next gradient all-reduce.
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             bad = ", ".join(f"{k}={v.item():.3g}" for k, v in terms.items())
             raise NonFiniteLossError(
                 f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step} ({bad}); "
@@ -94,6 +103,7 @@ class TokredModule(L.LightningModule):
         logits = self.model(images)
         self.val_acc1(logits, labels)
         self.val_acc5(logits, labels)
+        # torchmetrics objects sync their counts across ranks when computed; the mean loss needs sync_dist.
         self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
         self.log("val/acc1", self.val_acc1, prog_bar=True)
         self.log("val/acc5", self.val_acc5)
@@ -109,6 +119,7 @@ class TokredModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokred_structure"] = self.model.structure()
+        checkpoint["tokred"] = self.meta
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Rebuild searched structure (token schedules, kept channels) before Lightning loads the tensors into it.

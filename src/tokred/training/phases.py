@@ -1,27 +1,42 @@
-"""Running a reducer's phases (search -> extract -> fine-tune ...) with per-phase checkpoints.
+"""Running a reducer's phases (search -> extract -> fine-tune ...) with per-phase checkpoints, and resuming them.
 
-After each finished phase the model (tensors + structure) is written atomically to
-``<run_dir>/phases/<phase>.pt``. A re-launched run skips finished phases, restores the last one's model, and resumes
-an interrupted fit from that phase's ``last.ckpt``.
+Layout of a run directory::
+
+    checkpoints/<phase>/best.ckpt   best val/acc1 of the phase's fit (Lightning checkpoint)
+    checkpoints/<phase>/last.ckpt   every ``checkpoint.every_n_train_steps`` steps and every epoch end
+    phases/<phase>.pt               the model (tensors + structure + config) once the phase has finished
+
+Every file is written atomically (temporary file + rename). A re-launched run skips finished phases, restores the
+last one's model, and resumes an interrupted fit from that phase's ``last.ckpt`` (or the ``.ckpt`` given as
+``ckpt_path``) at the same global step, with the optimizer and LR-scheduler state.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
+from tokred.backbones import CheckpointError
+from tokred.config import ConfigError
 from tokred.data import ImageDataModule
 from tokred.io import atomic_write
 from tokred.reducers.base import Phase, TokenReducer
+from tokred.training.module import NonFiniteLossError
 
 
 @dataclass
 class PhaseContext:
-    """What a custom phase step gets: the model, the data, the config and a place for its files."""
+    """What a custom phase step gets: the model, the data, the config and a place for its files.
+
+    ``log`` records metrics in the run's logger (rank 0 only) at the run's current step; ``rank`` is the process's
+    global rank, so steps that write files can leave that to rank 0.
+    """
 
     model: TokenReducer
     datamodule: ImageDataModule
@@ -29,6 +44,7 @@ class PhaseContext:
     run_dir: Path
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     log: Callable[[dict[str, float]], None] = lambda metrics: None
+    rank: int = 0
 
     def phase_dir(self, phase: str) -> Path:
         path = self.run_dir / "phases" / phase
@@ -36,26 +52,172 @@ class PhaseContext:
         return path
 
 
+# ------------------------------------------------------------------------------------------------ phase snapshots
 def phase_checkpoint(run_dir: Path, phase: str) -> Path:
     return run_dir / "phases" / f"{phase}.pt"
 
 
-def save_phase(model: TokenReducer, run_dir: Path, phase: str) -> None:
-    payload = {"phase": phase, "structure": model.structure(), "state_dict": model.state_dict()}
+def checkpoint_dir(run_dir: Path, phase: str) -> Path:
+    return run_dir / "checkpoints" / phase
+
+
+def save_phase(model: TokenReducer, run_dir: Path, phase: str, meta: Mapping[str, Any] | None = None,
+               step: int = 0, metrics: Mapping[str, float] | None = None) -> None:
+    """Snapshot a finished phase: tensors, structure, the config to rebuild the model (``meta``), the run's
+    cumulative optimizer step and the phase's metrics."""
+    payload = {"phase": phase, "structure": model.structure(), "state_dict": model.state_dict(),
+               "tokred": dict(meta or {}), "global_step": int(step), "metrics": dict(metrics or {})}
     atomic_write(phase_checkpoint(run_dir, phase), lambda p: torch.save(payload, p))
 
 
-def load_phase(model: TokenReducer, path: Path) -> None:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+def read_phase(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_phase(model: TokenReducer, path: Path) -> dict[str, Any]:
+    """Restore a phase snapshot into ``model``; returns the payload (step, metrics, config)."""
+    payload = read_phase(path)
     model.load_structure(payload["structure"])
     model.load_state_dict(payload["state_dict"])
+    return payload
 
 
-def pending_phases(model: TokenReducer, run_dir: Path) -> list[Phase]:
-    """Phases not finished yet; restores the model saved by the last finished one."""
+@dataclass
+class Progress:
+    """Where a run stands: the phases still to run, optimizer steps already taken, the last fit's metrics."""
+
+    pending: list[Phase]
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def progress(model: TokenReducer, run_dir: Path, meta: Mapping[str, Any]) -> Progress:
+    """Phases not finished yet; restores the model saved by the last finished one after checking it fits ``meta``."""
     phases = model.phases()
     done = [p for p in phases if phase_checkpoint(run_dir, p.name).is_file()]
-    if done:
-        load_phase(model, phase_checkpoint(run_dir, done[-1].name))
     finished = {p.name for p in done}
-    return [p for p in phases if p.name not in finished]
+    pending = [p for p in phases if p.name not in finished]
+    if not done:
+        return Progress(pending)
+    path = phase_checkpoint(run_dir, done[-1].name)
+    check_compatible(read_phase(path).get("tokred") or {}, meta, path)
+    payload = load_phase(model, path)
+    return Progress(pending, int(payload.get("global_step", 0)), dict(payload.get("metrics", {})))
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a temporary file next to the target and renames it over the target.
+
+    Lightning's own writer opens the final path (or stages in /tmp, then copies across file systems), so a kill
+    mid-write can leave a truncated ``last.ckpt``, the very file a resume needs.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        atomic_write(Path(path), lambda p: torch.save(checkpoint, p))
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+class _FiniteCheckpoint(ModelCheckpoint):
+    """Refuses to replace a checkpoint with non-finite weights: a NaN step must not destroy the last good one."""
+
+    def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+        for name, param in trainer.lightning_module.named_parameters():
+            if not torch.isfinite(param).all():
+                raise NonFiniteLossError(
+                    f"parameter {name} became non-finite at step {trainer.global_step}; {Path(filepath).name} was not "
+                    "overwritten. Lower optim.lr or set trainer.gradient_clip_val, then resume with ckpt_path=last"
+                )
+        super()._save_checkpoint(trainer, filepath)
+
+
+def checkpoint_callbacks(directory: Path, every_n_train_steps: int) -> list[ModelCheckpoint]:
+    """``best.ckpt`` (highest val/acc1) and ``last.ckpt``, written every ``every_n_train_steps`` steps (so a kill
+    mid-epoch loses little) and after every validation (so each epoch's end state is kept)."""
+    common = dict(dirpath=directory, auto_insert_metric_name=False, enable_version_counter=False)
+    callbacks = [
+        _FiniteCheckpoint(filename="best", monitor="val/acc1", mode="max", save_top_k=1, **common),
+        _FiniteCheckpoint(filename="last", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=False, **common),
+    ]
+    if every_n_train_steps > 0:
+        callbacks.append(_FiniteCheckpoint(filename="last", save_top_k=1, every_n_train_steps=every_n_train_steps,
+                                           **common))
+    return callbacks
+
+
+def check_checkpoint(path: Path, meta: Mapping[str, Any]) -> None:
+    """Fail with the fix when the Lightning checkpoint ``path`` cannot be resumed by this run."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("tokred") or {}
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}); it is truncated or not a "
+                              "tokred checkpoint: pass another ckpt_path, e.g. the run's best.ckpt") from None
+    check_compatible(saved, meta, path)
+
+
+def check_compatible(saved: Mapping[str, Any], meta: Mapping[str, Any], path: Path) -> None:
+    """Fail with the fix when a checkpoint's recorded model (``saved``) is another backbone, reducer or number
+    of classes than this run's (``meta``)."""
+    if not saved:
+        return
+    was, now = saved.get("backbone", {}), meta["backbone"]
+    if (was.get("model"), was.get("img_size")) != (now["model"], now["img_size"]):
+        raise CheckpointError(
+            f"checkpoint {path} is from backbone {was.get('model')} at {was.get('img_size')} px, this run builds "
+            f"{now['model']} at {now['img_size']} px; resume with backbone={was.get('name')} "
+            f"backbone.img_size={was.get('img_size')}, or drop ckpt_path to start a new run"
+        )
+    if saved.get("reducer", {}).get("name") != meta["reducer"]["name"]:
+        raise CheckpointError(
+            f"checkpoint {path} is from reducer={saved['reducer'].get('name')}, this run uses "
+            f"reducer={meta['reducer']['name']}; resume with reducer={saved['reducer'].get('name')} or drop ckpt_path"
+        )
+    if saved.get("num_classes") != meta["num_classes"]:
+        raise CheckpointError(
+            f"checkpoint {path} has a {saved.get('num_classes')}-class head but dataset {meta['dataset']} has "
+            f"{meta['num_classes']} classes; resume with the dataset it was trained on, or fine-tune it as a new run: "
+            f"backbone.checkpoint={path} backbone.reset_head=true"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ resume targets
+def _has_checkpoints(run_dir: Path) -> bool:
+    return any(run_dir.glob("checkpoints/*/*.ckpt")) or any(run_dir.glob("phases/*.pt"))
+
+
+def _newest_checkpoint_time(run_dir: Path) -> float:
+    files = [*run_dir.glob("checkpoints/*/*.ckpt"), *run_dir.glob("phases/*.pt")]
+    return max((f.stat().st_mtime for f in files), default=0.0)
+
+
+def find_resume(ckpt_path: str | None, runs_root: Path) -> tuple[Path | None, Path | None]:
+    """``ckpt_path`` -> (run directory to continue, or None for a new one; explicit ``.ckpt`` file or None).
+
+    ``last``: the run under ``runs_root`` (the directory holding this config's runs) that wrote a checkpoint most
+    recently. A run directory: continue it. A ``.ckpt`` inside a run's ``checkpoints/<phase>/``: continue that run
+    from that file. Any other ``.ckpt``: a new run whose first fit starts from it.
+    """
+    if ckpt_path in (None, "", "null"):
+        return None, None
+    if ckpt_path == "last":
+        runs = [d for d in runs_root.iterdir() if d.is_dir() and _has_checkpoints(d)] if runs_root.is_dir() else []
+        if not runs:
+            raise ConfigError(f"ckpt_path=last: no run under {runs_root} has a checkpoint yet; drop ckpt_path to "
+                              "start a new run, or pass ckpt_path=<run dir or .ckpt file>")
+        return max(runs, key=_newest_checkpoint_time), None
+    path = Path(ckpt_path).expanduser().resolve()
+    if path.is_dir():
+        if not _has_checkpoints(path):
+            raise ConfigError(f"ckpt_path={path} has no checkpoints/<phase>/*.ckpt or phases/*.pt; pass a run "
+                              "directory of tokred-train, a .ckpt file, or ckpt_path=last")
+        return path, None
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist; pass a run directory, a .ckpt file or ckpt_path=last")
+    if path.suffix != ".ckpt":
+        raise ConfigError(f"ckpt_path={path} is not a Lightning .ckpt; to start from model weights use "
+                          "backbone.checkpoint=PATH instead")
+    if path.parent.parent.name == "checkpoints":
+        return path.parents[2], path
+    return None, path

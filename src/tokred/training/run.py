@@ -1,26 +1,40 @@
-"""``tokred-train``'s work, independent of the command line: compose, run every phase, evaluate, export."""
+"""``tokred-train``'s work, independent of the command line: build, run every phase, evaluate, export, summarise.
+
+Only rank 0 writes (phase snapshots, export, summary.json; Lightning limits checkpoints and logs to rank 0), so a
+DDP run has one output directory.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from tokred.backbones import create_backbone
-from tokred.data import build_datamodule
+from tokred.config import ConfigError
+from tokred.data import ImageDataModule, build_datamodule, uses_own_sampler
+from tokred.data.transforms import build_mixup
 from tokred.export import save_deployable
 from tokred.flops import count_params, counted_gmacs
+from tokred.io import atomic_write_json
 from tokred.reducers import create_reducer
 from tokred.reducers.base import Phase, TokenReducer
-from tokred.training.module import TokredModule
+from tokred.training.loggers import build_logger
+from tokred.training.module import NonFiniteLossError, TokredModule
 from tokred.training.optim import effective_lr
-from tokred.io import atomic_write_json
-from tokred.training.phases import PhaseContext, pending_phases, save_phase
+from tokred.training.phases import (
+    AtomicCheckpointIO, PhaseContext, check_checkpoint, checkpoint_callbacks, checkpoint_dir, find_resume, progress,
+    save_phase,
+)
 
 log = logging.getLogger("tokred")
 
@@ -41,57 +55,151 @@ def model_stats(model: TokenReducer, img_size: int) -> dict[str, Any]:
     }
 
 
-def _trainer(cfg: DictConfig, phase: Phase, run_dir: Path, logger: Any) -> L.Trainer:
+def model_meta(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
+    """What rebuilds the model without the run's config; stored in every checkpoint and phase snapshot."""
+    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+    return {
+        # The weights come with the checkpoint: rebuilding must not download or read the initial ones again.
+        "backbone": {**backbone, "pretrained": False, "checkpoint": None},
+        "reducer": OmegaConf.to_container(cfg.reducer, resolve=True),
+        "num_classes": num_classes,
+        "dataset": str(cfg.dataset.name),
+    }
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, logger: Logger | None, callbacks: Sequence[Callback] = (),
+                  max_epochs: int | None = None) -> L.Trainer:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    if phase.epochs is not None:
-        trainer_cfg["max_epochs"] = phase.epochs
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints" / phase.name, filename="best", monitor="val/acc1", mode="max",
-        save_last=True, auto_insert_metric_name=False,
-    )
+    if max_epochs is not None:
+        trainer_cfg["max_epochs"] = max_epochs
     return L.Trainer(
-        default_root_dir=run_dir, logger=logger, callbacks=[checkpoint, TQDMProgressBar(refresh_rate=10)],
-        enable_model_summary=False, **trainer_cfg,
+        default_root_dir=run_dir, logger=logger if logger is not None else False,
+        callbacks=[*callbacks, TQDMProgressBar(refresh_rate=10)],
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_model_summary=False, plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=not uses_own_sampler(cfg.dataset), **trainer_cfg,
     )
 
 
-def _fit(cfg: DictConfig, model: TokenReducer, datamodule, phase: Phase, run_dir: Path, logger: Any) -> dict[str, float]:
+def evaluate(model: TokenReducer, datamodule: ImageDataModule, cfg: DictConfig, run_dir: Path,
+             logger: Logger | None = None) -> dict[str, float]:
+    """val/acc1, val/acc5, val/loss of ``model`` over the whole validation split (all ranks, metrics synced)."""
+    trainer = build_trainer(cfg, run_dir, logger)
+    trainer.validate(TokredModule(model, None, datamodule.num_classes), datamodule=datamodule, verbose=False)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    """The device custom phase steps (searches) should use: this rank's GPU when the trainer trains on GPUs."""
+    if str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _fit(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, phase: Phase, run_dir: Path,
+         logger: Logger | None, meta: dict[str, Any], ckpt: Path | None) -> tuple[int, dict[str, float]]:
+    """One phase's Lightning fit; returns its global step count and its metrics (with ``val/acc1_best``)."""
     optim = OmegaConf.to_container(cfg.optim, resolve=True) | phase.optim
-    trainer = _trainer(cfg, phase, run_dir, logger)
+    directory = checkpoint_dir(run_dir, phase.name)
+    callbacks = checkpoint_callbacks(directory, int(cfg.checkpoint.every_n_train_steps))
+    trainer = build_trainer(cfg, run_dir, logger, callbacks, max_epochs=phase.epochs)
     global_batch = int(cfg.dataset.batch_size) * trainer.world_size * int(cfg.trainer.get("accumulate_grad_batches", 1))
+    label_smoothing = float(cfg.optim.get("label_smoothing", 0.0))
     module = TokredModule(
-        model, optim, datamodule.num_classes, lr=effective_lr(optim, global_batch),
-        label_smoothing=float(cfg.optim.get("label_smoothing", 0.0)), teacher=model.build_teacher(),
+        model, optim, datamodule.num_classes, lr=effective_lr(optim, global_batch), label_smoothing=label_smoothing,
+        mixup=build_mixup(cfg.dataset.get("aug") or {}, datamodule.num_classes, label_smoothing),
+        teacher=model.build_teacher(), meta=meta,
     )
-    last = run_dir / "checkpoints" / phase.name / "last.ckpt"
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    ckpt = ckpt or (directory / "last.ckpt" if (directory / "last.ckpt").is_file() else None)
+    if ckpt is not None:
+        check_checkpoint(ckpt, meta)
+        log.info("phase %r resumes from %s", phase.name, ckpt)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    except NonFiniteLossError as err:
+        kept = directory / "last.ckpt"
+        where = f"last good checkpoint: {kept}" if kept.is_file() else "no checkpoint had been written yet"
+        raise NonFiniteLossError(f"{err} ({where})") from None
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    best = callbacks[0].best_model_score
+    if best is not None:
+        metrics["val/acc1_best"] = float(best)
+    return trainer.global_step, metrics
+
+
+def _phase_of(ckpt: Path | None, in_run_dir: bool, pending: list[Phase]) -> str | None:
+    """The phase an explicit ``ckpt_path=<.ckpt>`` resumes: the one whose checkpoints/<phase>/ holds it, or, for a
+    file from outside any run directory, the first phase that trains."""
+    if ckpt is None:
+        return None
+    fitting = [p.name for p in pending if p.epochs != 0]
+    phase = ckpt.parent.name if in_run_dir else (fitting[0] if fitting else None)
+    if phase not in fitting:
+        raise ConfigError(f"ckpt_path={ckpt} belongs to phase {phase!r}, which has no fit left to resume "
+                          f"(still to train: {', '.join(fitting) or 'nothing'}); pass ckpt_path=<the run directory>")
+    return phase
+
+
+def _log_config(logger: Logger, cfg: DictConfig, model: TokenReducer, stats: dict[str, Any]) -> None:
+    """The full config plus the columns a dashboard compares runs by."""
+    logger.log_hyperparams({
+        **OmegaConf.to_container(cfg, resolve=True),
+        "reducer_knobs": model.knobs(),
+        **{k: v for k, v in stats.items() if k in ("model/gmacs", "model/params_m")},
+    })
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run every pending phase of the configured reducer; return the run summary (also written to summary.json)."""
+    """Run every pending phase of the configured reducer; return the run summary (also written to summary.json).
+
+    ``cfg.ckpt_path`` (``last``, a run directory or a ``.ckpt``) continues an earlier run in its own directory;
+    see :func:`tokred.training.phases.find_resume`.
+    """
     L.seed_everything(int(cfg.seed), workers=True)
-    run_dir = Path(cfg.paths.output_dir)
+    output_dir = Path(cfg.paths.output_dir)
+    resume_dir, ckpt_file = find_resume(cfg.get("ckpt_path"), output_dir.parent)
+    run_dir = resume_dir or output_dir
     datamodule = build_datamodule(cfg.dataset)
-    model = build_model(cfg, datamodule.num_classes)
-    logger = L.pytorch.loggers.CSVLogger(run_dir, name="csv", version="")
+    num_classes = datamodule.num_classes  # reads the data now: a bad dataset fails before anything is written
+    model = build_model(cfg, num_classes)
+    meta = model_meta(cfg, num_classes)
+    state = progress(model, run_dir, meta)
+    ckpt_phase = _phase_of(ckpt_file, resume_dir is not None, state.pending)
+    logger = build_logger(cfg.get("logger"), run_dir)
     stats = model_stats(model, int(cfg.backbone.img_size))
-    log.info("model: %s + %s, %.3f GMACs, %.2f M params", cfg.backbone.model, cfg.reducer.name,
-             stats["model/gmacs"], stats["model/params_m"])
-    metrics: dict[str, float] = {}
-    for phase in pending_phases(model, run_dir):
+    log.info("model: %s + %s, %.3f GMACs, %.2f M params; run directory %s", cfg.backbone.model, cfg.reducer.name,
+             stats["model/gmacs"], stats["model/params_m"], run_dir)
+    if logger is not None:
+        _log_config(logger, cfg, model, stats)
+    for phase in state.pending:
         log.info("phase %r", phase.name)
         model.enter_phase(phase.name)
+        if logger is not None:
+            logger.step_offset = state.step
         if phase.run is not None:
-            phase.run(PhaseContext(model, datamodule, cfg, run_dir))
+            log_fn = partial(logger.log_metrics, step=0) if logger is not None else (lambda metrics: None)
+            phase.run(PhaseContext(model, datamodule, cfg, run_dir, _device(cfg), log_fn, rank_zero_only.rank))
         if phase.epochs != 0:
-            metrics = _fit(cfg, model, datamodule, phase, run_dir, logger)
-        save_phase(model, run_dir, phase.name)
+            explicit = ckpt_file if phase.name == ckpt_phase else None
+            steps, state.metrics = _fit(cfg, model, datamodule, phase, run_dir, logger, meta, explicit)
+            state.step += steps
+        if rank_zero_only.rank == 0:
+            save_phase(model, run_dir, phase.name, meta, state.step, state.metrics)
+    if logger is not None:
+        logger.step_offset = state.step
+    final = evaluate(model.deployable(), datamodule, cfg, run_dir, logger)
     stats = model_stats(model, int(cfg.backbone.img_size))
     summary = {
-        "backbone": cfg.backbone.model, "reducer": cfg.reducer.name, "dataset": cfg.dataset.name,
-        "reducer_knobs": model.knobs(), **stats, **metrics, "run_dir": str(run_dir),
+        "backbone": cfg.backbone.name, "backbone_model": cfg.backbone.model, "reducer": cfg.reducer.name,
+        "reducer_knobs": model.knobs(), "dataset": cfg.dataset.name, **stats,
+        "val/acc1": final.get("val/acc1"), "val/acc5": final.get("val/acc5"),
+        "val/acc1_best": state.metrics.get("val/acc1_best"), "val/acc1_last_epoch": state.metrics.get("val/acc1"),
+        "global_step": state.step, "run_dir": str(run_dir), "checkpoints": str(run_dir / "checkpoints"),
+        "logs": logger.location() if logger is not None else "none (logger=null)",
     }
-    save_deployable(model, run_dir / "export", OmegaConf.to_container(cfg, resolve=True))
-    atomic_write_json(run_dir / "summary.json", summary)
+    if rank_zero_only.rank == 0:
+        save_deployable(model, run_dir / "export", OmegaConf.to_container(cfg, resolve=True))
+        atomic_write_json(run_dir / "summary.json", summary)
+    if logger is not None:
+        logger.finish(summary)
     return summary
