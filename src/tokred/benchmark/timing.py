@@ -47,7 +47,7 @@ class SpeedSettings:
     device: str = "auto"
     threads: int | None = None
     warmup: int = 1
-    repeats: int = 5
+    repeats: int = 9
     iters: int = 1
     latency_repeats: int = 10
     latency_iters: int = 1
