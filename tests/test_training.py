@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -18,12 +19,14 @@ import torch.nn.functional as F
 import timm
 from conftest import FAST
 
+from tokred import reducers
 from tokred.cli import eval as eval_cli
 from tokred.cli import train as train_cli
 from tokred.config import compose_config
 from tokred.data.datamodule import IMAGENET_MEAN, IMAGENET_STD
 from tokred.data.synthetic import ShapesDataset
 from tokred.export import load_deployable
+from tokred.reducers.base import Phase, TokenReducer
 from tokred.training.loggers import wandb_mode
 from tokred.training.module import NonFiniteLossError, TokredModule
 from tokred.training.optim import lr_factor
@@ -117,6 +120,38 @@ def test_a_run_killed_mid_epoch_resumes_at_the_same_step_and_optimizer_state(run
     rows_after = (run_dir / "csv/metrics.csv").read_text().splitlines()
     assert rows_after[1:len(rows_before)] == rows_before[1:], "the metrics logged before the kill are kept"
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 6
+
+
+class TwoPhases(TokenReducer):
+    """A search step that logs, a fit, then a fine-tuning fit: the shape of a reducer's pipeline."""
+
+    name = "two_phases"
+
+    def phases(self) -> list[Phase]:
+        return [Phase("search", 1, run=lambda ctx: ctx.log({"search/score": 0.5})), Phase("finetune", 1)]
+
+
+def test_phases_log_into_one_run_with_monotonic_steps_and_resume_inside_a_later_phase(run_cfg, monkeypatch):
+    monkeypatch.setitem(reducers._REGISTRY, TwoPhases.name, TwoPhases)
+    cfg = run_cfg("trainer.limit_train_batches=3", "checkpoint.every_n_train_steps=1")
+    cfg.reducer = {"name": TwoPhases.name}
+    run_dir = Path(cfg.paths.output_dir)
+
+    def kill_in_finetune(self, outputs, batch, batch_idx):
+        if self.model.phase == "finetune" and self.global_step == 2:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TokredModule, "on_train_batch_end", kill_in_finetune)
+        with pytest.raises(Killed):
+            train(cfg)
+    assert (run_dir / "phases/search.pt").is_file() and not (run_dir / "phases/finetune.pt").exists()
+    summary = train(cfg)  # the same directory: search is skipped, finetune resumes at its step 2
+    assert summary["global_step"] == 6
+    rows = list(csv.DictReader((run_dir / "csv/metrics.csv").open()))
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(steps) and max(steps) == 6, "one monotonic step axis across phases and the resume"
+    assert [r["search/score"] for r in rows if r["search/score"]] == ["0.5"]
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run_cfg, monkeypatch):
@@ -270,6 +305,7 @@ def test_ddp_on_two_cpu_processes_syncs_metrics_and_writes_one_run(tmp_path):
     header, last = rows[0].split(","), rows[-1].split(",")
     assert float(last[header.index("val/loss")]) == pytest.approx(loss, rel=1e-4)
     assert proc.stdout.count("val top-1") == 1, "only rank 0 reports"
+    assert sorted(p.name for p in run_dir.glob("*.log")) == ["train.log"], "rank 1 writes no log file"
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -66,24 +66,22 @@ def launch_overrides(args: list[str]) -> list[str]:
     ``ckpt_path=last`` / a run directory: Hydra's run directory becomes that run's (its own config files go to
     ``.hydra/resume-<time>/`` so the original ones stay). Several SLURM tasks: one directory named after the job
     step instead of one timestamped directory per task. Lightning's own DDP launcher passes ``hydra.run.dir`` to the
-    processes it starts, which therefore keep it.
+    processes it starts, which therefore keep it. Ranks other than 0 write no files of Hydra's (config, log file).
     """
-    if any(a.startswith("hydra.run.dir=") for a in args):
-        return args
     extra: list[str] = []
+    chosen = any(a.startswith("hydra.run.dir=") for a in args)
     ckpt = next((a.split("=", 1)[1] for a in reversed(args) if a.startswith("ckpt_path=")), None)
-    if ckpt not in (None, "", "null"):
+    if not chosen and ckpt not in (None, "", "null"):
         run_dir, file = find_resume(ckpt, runs_root(args))
         extra.append(f"ckpt_path={_quote(file or run_dir)}")
         if run_dir is not None:
             stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
             extra += [f"hydra.run.dir={_quote(run_dir)}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+    elif not chosen and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
         step = f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
         extra.append(f"hydra.run.dir={_quote(runs_root(args) / f'slurm-{step}')}")
-    rank = int(os.environ.get("SLURM_PROCID", "0"))
-    if rank > 0:
-        extra += ["hydra.output_subdir=null", f"hydra.job.name=train_rank{rank}"]
+    if int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or os.environ.get("LOCAL_RANK") or 0) > 0:
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     return args + extra
 
 

@@ -80,11 +80,8 @@ class TokredModule(L.LightningModule):
             images, targets = self.mixup(images, labels)
         logits, terms = self.model.losses(images, targets, self.criterion, self.teacher)
         loss = torch.stack(list(terms.values())).sum()
-        finite = bool(torch.isfinite(loss))
-        if self.trainer.world_size > 1:
-            # All ranks must stop together: a rank left running would wait forever in the next gradient all-reduce.
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
+        # Decided across ranks: a rank left running would wait forever in the next gradient all-reduce.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
             bad = ", ".join(f"{k}={v.item():.3g}" for k, v in terms.items())
             raise NonFiniteLossError(
                 f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step} ({bad}); "
