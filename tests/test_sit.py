@@ -7,12 +7,14 @@ import json
 import math
 import re
 import shutil
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FAST
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from tokred.backbones import CheckpointError, create_backbone, freeze, read_state_dict
@@ -168,6 +170,10 @@ def test_structure_rebuilds_a_different_split_for_its_state_dict(make_vit):
 def test_bad_knobs_are_rejected_naming_the_knob(knobs, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
         reducer_config({"name": "sit", **knobs})
+
+
+def test_the_yaml_mirrors_the_config_defaults():
+    assert OmegaConf.to_container(compose_config(["reducer=sit"]).reducer) == asdict(Config())
 
 
 @pytest.mark.parametrize("knobs, fragment", [

@@ -7,6 +7,9 @@ backbone: CE + token MSE between the teacher's block outputs and the student's, 
 training-only Reverse TSMs, + logit KL. The deployable model keeps the TSMs and drops the RTSMs.
 
 Spec: ``specs/sit.md``. Choices the spec leaves open, and deviations, are marked ``[choice]`` in comments.
+[choice] The optional CNN-teacher DIST-token loss (L_hard) is left out, as the spec advises: no released script uses
+it and its official code path is broken. ``forward`` returns plain logits in train and eval mode (spec §5.6); the token
+maps come from :func:`forward_with_token_maps`.
 """
 
 from __future__ import annotations
