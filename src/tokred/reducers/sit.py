@@ -8,8 +8,9 @@ training-only Reverse TSMs, + logit KL. The deployable model keeps the TSMs and 
 
 Spec: ``specs/sit.md``. Choices the spec leaves open, and deviations, are marked ``[choice]`` in comments.
 [choice] The optional CNN-teacher DIST-token loss (L_hard) is left out, as the spec advises: no released script uses
-it and its official code path is broken. ``forward`` returns plain logits in train and eval mode (spec §5.6); the token
-maps come from :func:`forward_with_token_maps`.
+it and its official code path is broken. ``forward`` returns plain logits in train and eval mode (spec §5.6); the
+per-block token outputs the distillation needs come from :func:`forward_with_token_maps`, the patch-assignment maps
+(``token_maps``) from the TSM weights recorded on that same path.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import nn
 from tokred.backbones import load_backbone_checkpoint
 from tokred.flops import BlockCost, ModelCost, bisect_budget, head_macs, stem_macs
 from tokred.reducers import register_reducer
-from tokred.reducers.base import Criterion, ParamGroup, Phase, ReducerConfig, TokenReducer
+from tokred.reducers.base import Criterion, ParamGroup, Phase, ReducerConfig, TokenMap, TokenReducer
 from tokred.vit_ops import block_forward, check_standard_vit, classify, embed
 
 if TYPE_CHECKING:
@@ -107,8 +108,12 @@ class TokenSlimming(nn.Module):
         """(B, N, n_out) aggregation weights; softmax over the *input* axis, so each output's weights sum to 1."""
         return (self.scale * self.mlp(self.norm(x))).softmax(dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weights(x).transpose(1, 2) @ x
+    def forward(self, x: torch.Tensor, record: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The ``n_out`` aggregated tokens; ``record``, if given, receives the weights used (for the token maps)."""
+        weights = self.weights(x)
+        if record is not None:
+            record.append(weights)
+        return weights.transpose(1, 2) @ x
 
 
 class ReverseTokenSlimming(nn.Module):
@@ -128,10 +133,12 @@ class ReverseTokenSlimming(nn.Module):
 
 
 def forward_with_token_maps(
-    vit: VisionTransformer, images: torch.Tensor, tsms: Mapping[str, nn.Module]
+    vit: VisionTransformer, images: torch.Tensor, tsms: Mapping[str, TokenSlimming],
+    tsm_weights: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits and each block's patch-token output (pre-final-norm residual stream, CLS excluded, after the TSM that
     follows the block, if any). ``tsms`` maps a block index (as str) to the TSM applied after it; empty: the teacher.
+    ``tsm_weights``, if given, receives each TSM's (B, N_in, N_out) aggregation weights in block order.
     """
     prefix = vit.num_prefix_tokens
     x = embed(vit, images)
@@ -139,7 +146,7 @@ def forward_with_token_maps(
     for i, blk in enumerate(vit.blocks):
         x = block_forward(blk, x)
         if str(i) in tsms:
-            x = torch.cat([x[:, :prefix], tsms[str(i)](x[:, prefix:])], dim=1)
+            x = torch.cat([x[:, :prefix], tsms[str(i)](x[:, prefix:], tsm_weights)], dim=1)
         maps.append(x[:, prefix:])
     return classify(vit, x), maps
 
@@ -257,6 +264,27 @@ class SiT(TokenReducer):
     # ---------------------------------------------------------------- inference
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return forward_with_token_maps(self.vit, images, self.tsms)[0]
+
+    @torch.no_grad()
+    def token_maps(self, images: torch.Tensor) -> list[TokenMap]:
+        """Per block, the token it runs on that each ORIGINAL patch feeds most (``assignment`` ids < its tokens).
+
+        Composition: a TSM's weights W_k (B, N_k, N_k+1) are convex over its inputs, so the product
+        C_k = W_1 @ ... @ W_k (B, N_0, N_k) gives each stage-k token as a convex combination of the original patches
+        (its columns still sum to 1); a patch's id at a block of stage k is the argmax of its row of C_k, the token
+        it has the largest weight in. Only the TSMs' aggregation is traced, not the attention mixing inside the
+        blocks. Before the first TSM, C_0 is the identity and every patch is its own token.
+        """
+        weights: list[torch.Tensor] = []
+        forward_with_token_maps(self.vit, images, self.tsms, weights)
+        grid = self.vit.patch_embed.grid_size
+        composed = torch.eye(self.vit.patch_embed.num_patches, device=images.device).expand(images.shape[0], -1, -1)
+        maps, stage_weights = [], iter(weights)
+        for i, (_, n_out) in enumerate(self._layout(self.stage_blocks, self.keep_ratio)):
+            maps.append(TokenMap(i, "assignment", composed.argmax(dim=2).view(-1, *grid)))
+            if n_out is not None:  # the TSM after this block defines the next stage's tokens
+                composed = composed @ next(stage_weights)
+        return maps
 
     # ---------------------------------------------------------------- training
     def phases(self) -> list[Phase]:
