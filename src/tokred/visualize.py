@@ -8,12 +8,14 @@ each input patch by the output token it feeds most.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
+import lightning as L
 import matplotlib
 
 matplotlib.use("Agg")  # headless: figures are written to files or logged, never shown
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -34,17 +36,43 @@ def denormalize(images: torch.Tensor) -> np.ndarray:
     return (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
 
+# 60 distinct colours for assignment ids; ids beyond repeat, but group outlines (see draw_map) still separate them.
+PALETTE = np.concatenate([plt.get_cmap(name)(np.arange(20))[:, :3] for name in ("tab20", "tab20b", "tab20c")])
+
+
 def overlay(image: np.ndarray, token_map: torch.Tensor, kind: str) -> np.ndarray:
     """One image (H, W, 3) with one block's map (grid_h, grid_w) drawn over it."""
     h, w = image.shape[:2]
     up = F.interpolate(token_map[None, None].float().cpu(), size=(h, w), mode="nearest")[0, 0].numpy()
     if kind == "assignment":
-        palette = plt.get_cmap("tab20")(np.arange(20))[:, :3]
-        colours = palette[up.astype(int) % 20]
+        colours = PALETTE[up.astype(int) % len(PALETTE)]
         return 0.45 * image + 0.55 * colours
     grey = image.mean(axis=-1, keepdims=True).repeat(3, axis=-1)
     dropped = 0.15 + 0.25 * grey  # pruned / placeholder patches: dark and colourless, so kept ones stand out
     return np.where(up[..., None] > 0.5, image, dropped)
+
+
+def group_edges(token_map: torch.Tensor, height: int, width: int) -> list[list[tuple[float, float]]]:
+    """Line segments (image pixel coordinates) between neighbouring patches with different assignment ids."""
+    ids = token_map.cpu().numpy()
+    rows, cols = ids.shape
+    ph, pw = height / rows, width / cols
+    segments = []
+    for r, c in zip(*np.nonzero(ids[:, 1:] != ids[:, :-1])):  # vertical edge right of patch (r, c)
+        x = (c + 1) * pw - 0.5
+        segments.append([(x, r * ph - 0.5), (x, (r + 1) * ph - 0.5)])
+    for r, c in zip(*np.nonzero(ids[1:] != ids[:-1])):  # horizontal edge below patch (r, c)
+        y = (r + 1) * ph - 0.5
+        segments.append([(c * pw - 0.5, y), ((c + 1) * pw - 0.5, y)])
+    return segments
+
+
+def draw_map(ax: plt.Axes, image: np.ndarray, token_map: torch.Tensor, kind: str) -> None:
+    """``overlay`` on ``ax``; assignment maps also get white outlines around each merged group, so groups whose
+    colours repeat (more ids than palette entries) or look alike stay apart."""
+    ax.imshow(overlay(image, token_map, kind))
+    if kind == "assignment":
+        ax.add_collection(LineCollection(group_edges(token_map, *image.shape[:2]), colors="white", linewidths=0.6))
 
 
 def select_blocks(maps: Sequence[TokenMap], most: int = 4) -> list[int]:
@@ -54,6 +82,15 @@ def select_blocks(maps: Sequence[TokenMap], most: int = 4) -> list[int]:
         changes = [maps[0].block, maps[-1].block]
     picks = np.linspace(0, len(changes) - 1, min(most, len(changes))).round().astype(int)
     return sorted({changes[i] for i in picks})
+
+
+def summarize(token_map: TokenMap) -> str:
+    """A title note for one block, averaged over the images: the share kept / on the slow path, or the number of
+    groups the patches are merged into."""
+    if token_map.kind == "assignment":
+        groups = round(float(np.mean([len(v.unique()) for v in token_map.values])))
+        return f"{groups} group{'s' * (groups != 1)}"
+    return f"{100 * token_map.values.gt(0.5).float().mean().item():.0f}% {KIND_LABEL[token_map.kind]}"
 
 
 def reducer_figure(images: torch.Tensor, maps: Sequence[TokenMap], blocks: Sequence[int] | None = None,
@@ -68,11 +105,9 @@ def reducer_figure(images: torch.Tensor, maps: Sequence[TokenMap], blocks: Seque
         axes[row, 0].imshow(picture)
         for col, block in enumerate(blocks, start=1):
             m = by_block[block]
-            axes[row, col].imshow(overlay(picture, m.values[row], m.kind))
-            if row == 0:
-                kept = m.values[row].gt(0.5).float().mean().item()
-                note = "" if m.kind == "assignment" else f" ({100 * kept:.0f}% {KIND_LABEL[m.kind]})"
-                axes[0, col].set_title(f"block {block}{note}", fontsize=7)
+            draw_map(axes[row, col], picture, m.values[row], m.kind)
+    for col, block in enumerate(blocks, start=1):
+        axes[0, col].set_title(f"block {block} ({summarize(by_block[block])})", fontsize=7)
     axes[0, 0].set_title("input", fontsize=7)
     for ax in axes.flat:
         ax.set_axis_off()
@@ -91,9 +126,9 @@ def comparison_figure(images: torch.Tensor, maps: dict[str, Sequence[TokenMap]])
         chosen = select_blocks(maps[name], most=3)
         block = chosen[len(chosen) // 2]
         m = next(m for m in maps[name] if m.block == block)
-        axes[0, col].set_title(f"{name}\nblock {block}", fontsize=7)
+        axes[0, col].set_title(f"{name}\nblock {block} ({summarize(m)})", fontsize=7)
         for row, picture in enumerate(pictures):
-            axes[row, col].imshow(overlay(picture, m.values[row], m.kind))
+            draw_map(axes[row, col], picture, m.values[row], m.kind)
     for row, picture in enumerate(pictures):
         axes[row, 0].imshow(picture)
     axes[0, 0].set_title("input", fontsize=7)
@@ -110,16 +145,22 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
 
 
 class TokenMapCallback(Callback):
-    """Every ``every_n_epochs`` validations, draw the token maps of ``n`` fixed validation images: saved under
-    ``<run_dir>/token_maps/`` and logged to wandb when a WandbLogger is attached."""
+    """Every ``every_n_epochs`` validations and at the last epoch of each fit, draw the token maps of the first ``n``
+    validation images: saved as ``<out_dir>/<phase>_epoch_<e>.png`` (phases restart their epoch count) and logged to
+    wandb under ``token_maps`` when a WandbLogger is attached. The model is drawn in eval mode, as deployed."""
 
-    def __init__(self, out_dir: Path, every_n_epochs: int = 1, n: int = 8) -> None:
+    def __init__(self, out_dir: Path, every_n_epochs: int = 5, n: int = 8) -> None:
         self.out_dir = Path(out_dir)
         self.every_n_epochs = every_n_epochs
         self.n = n
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or (trainer.current_epoch + 1) % self.every_n_epochs:
+    def due(self, epoch: int, max_epochs: int) -> bool:
+        """Whether the validation ending (0-based) ``epoch`` of a ``max_epochs`` fit is drawn."""
+        return (epoch + 1) % self.every_n_epochs == 0 or epoch + 1 == max_epochs
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.due(trainer.current_epoch,
+                                                                               trainer.max_epochs):
             return
         dataset = trainer.datamodule.val_set
         images = torch.stack([dataset[i][0] for i in range(min(self.n, len(dataset)))]).to(pl_module.device)
@@ -128,8 +169,20 @@ class TokenMapCallback(Callback):
         model.eval()
         maps = model.token_maps(images)
         model.train(was_training)
-        fig = reducer_figure(images, maps, title=f"{model.name} - epoch {trainer.current_epoch}")
-        path = save_figure(fig, self.out_dir / f"epoch_{trainer.current_epoch:03d}.png")
+        phase, epoch = model.phase or "fit", trainer.current_epoch
+        fig = reducer_figure(images, maps, title=f"{model.name} - {phase} epoch {epoch}")
+        path = save_figure(fig, self.out_dir / f"{phase}_epoch_{epoch:03d}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("token_maps", [str(path)], step=trainer.global_step)
+
+
+def token_map_callbacks(cfg: Mapping[str, Any] | None, run_dir: Path) -> list[Callback]:
+    """The training run's token-map callback from ``cfg.visualize`` (``every_n_epochs``: 0 or unset = off)."""
+    cfg = cfg or {}
+    every, n = int(cfg.get("every_n_epochs", 0)), int(cfg.get("n", 8))
+    if every < 0:
+        raise ValueError(f"visualize.every_n_epochs={every} must be >= 0 (0: no token maps during training)")
+    if n < 1:
+        raise ValueError(f"visualize.n={n} must be >= 1 (validation images drawn per figure)")
+    return [TokenMapCallback(run_dir / "token_maps", every, n)] if every else []
