@@ -12,8 +12,10 @@ import time
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 
 from tokred.backbones import CheckpointError
 from tokred.config import ConfigError, check_group_overrides, conf_dir, fail, runs_root, validate
@@ -42,10 +44,26 @@ def report(summary: dict[str, Any]) -> str:
     ])
 
 
+def _ranks_run_this_job() -> None:
+    """In a multirun job, make Lightning's DDP launcher start this job's other ranks, not the whole sweep again.
+
+    Lightning starts ranks > 0 as ``sys.argv`` plus ``hydra.run.dir=<HydraConfig run.dir>``; in a multirun those are
+    the sweep's command line (``-m`` and every sweep value) and a directory that is not the job's, so each rank would
+    launch the sweep anew and write elsewhere (lightning-hydra-template #393). Point both at this job instead.
+    """
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    sys.argv[1:] = list(hydra_cfg.overrides.task)
+    with open_dict(hydra_cfg), read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
     try:
         validate(cfg)
+        _ranks_run_this_job()
         summary = train(cfg)
     except USER_ERRORS as err:
         fail("tokred-train", err)
@@ -53,7 +71,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         fail("tokred-train", err, code=1)
     if rank_zero_only.rank == 0:
         print(report(summary), flush=True)
-    return summary["val/acc1"]  # Hydra sweepers (Optuna) optimise the returned value
+    # The whole summary is the job's return value: sweepers pick their objectives from it (the Optuna sweeper's
+    # `objectives`, e.g. val/acc1 and model/gmacs).
+    return summary
 
 
 def _quote(value: Any) -> str:

@@ -6,6 +6,7 @@ DDP run has one output directory.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from functools import partial
@@ -153,12 +154,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run every pending phase of the configured reducer; return the run summary (also written to summary.json).
 
     ``cfg.ckpt_path`` (``last``, a run directory or a ``.ckpt``) continues an earlier run in its own directory;
-    see :func:`tokred.training.phases.find_resume`.
+    see :func:`tokred.training.phases.find_resume`. Without it, a run directory that already holds checkpoints
+    (an interrupted multirun job, re-launched) is continued, and one holding summary.json returns that summary.
     """
     L.seed_everything(int(cfg.seed), workers=True)
     output_dir = Path(cfg.paths.output_dir)
     resume_dir, ckpt_file = find_resume(cfg.get("ckpt_path"), output_dir.parent)
     run_dir = resume_dir or output_dir
+    finished = run_dir / "summary.json"
+    if resume_dir is None and finished.is_file():
+        # A re-launched multirun job (its directory derives from its overrides) that already finished: its stored
+        # result is the job's result, so the sweeper still gets it without training again.
+        log.info("%s exists: run finished earlier, nothing to do (delete %s to train it again)", finished, run_dir)
+        return json.loads(finished.read_text())
     datamodule = build_datamodule(cfg.dataset)
     num_classes = datamodule.num_classes  # reads the data now: a bad dataset fails before anything is written
     model = build_model(cfg, num_classes)
