@@ -1,0 +1,161 @@
+"""Sweeps: every experiment preset runs, launchers, resumable multiruns (skip finished, resume interrupted), and the
+Optuna multi-objective sweeper. The multiruns are real ``tokred-train -m`` processes writing under tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST
+from hydra import compose, initialize_config_dir
+
+from tokred.config import compose_config, conf_dir, group_choices
+from tokred.training.run import train
+
+PRESETS = group_choices("experiment")
+PAPER_PRESETS = ["evo_vit_deit_s", "sit_deit_s", "sit_deit_s_aggressive", "ps_vit_s", "vit_slim_deit_s",
+                 "vit_slim_deit_b"]
+# Any preset shrunk to the CPU backbone on the built-in data: the presets' GPU, precision, pretrained-weight and
+# batch settings would not run here.
+TINY = ["backbone=deit_tiny_cpu", "dataset=synthetic", "trainer=cpu", "trainer.devices=1",
+        "trainer.precision=32-true", "trainer.fast_dev_run=true", "backbone.pretrained=false",
+        "dataset.train_size=32", "dataset.val_size=16", "dataset.batch_size=16", "dataset.num_workers=0",
+        "logger=csv"]
+# The reducers' own searches are not Lightning fits (fast_dev_run does not shorten them), and paper GMACs targets
+# are out of reach of the tiny backbone: scaled down the way conf/compare.yaml scales them.
+TINY_REDUCER = {
+    "patch_slimming": ["reducer.target_gmacs=null", "reducer.score_images=16", "reducer.cache_images=32",
+                       "reducer.holdout_images=16", "reducer.block_epochs=1", "reducer.bisect_searches=1",
+                       "reducer.group_size=32", "reducer.epsilon=0.5"],
+    "vit_slim": ["reducer.search_epochs=1"],
+}
+# A multirun job of 2 steps of 8 images: trains in about a second.
+JOB = ["dataset.train_size=16", "dataset.val_size=8", "dataset.batch_size=8", "dataset.num_workers=0",
+       "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "logger=csv"]
+TRAIN = [sys.executable, "-c", "from tokred.cli.train import main; main()"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: the preset runs are tiny, and a second thread only contends with the multirun processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def multirun(root: Path, *args: str, wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+    """``tokred-train -m <args>`` with outputs under ``root`` and one torch thread per process."""
+    env = {**os.environ, "TOKRED_ROOT": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [*TRAIN, "-m", *args]
+    if not wait:
+        return subprocess.Popen(command, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def summaries(sweep_dir: Path) -> dict[str, dict]:
+    """Job directory name -> its summary.json."""
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_composes_and_runs(preset, tmp_path):
+    overrides = [f"experiment={preset}", *TINY, f"paths.root={tmp_path}"]
+    reducer = compose_config(overrides).reducer.name
+    cfg = compose_config([*overrides, *TINY_REDUCER.get(reducer, [])])
+    cfg.paths.output_dir = str(tmp_path / "run")
+    summary = train(cfg)
+    assert summary["reducer"] == reducer and 0 <= summary["val/acc1"] <= 1
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_paper_preset_states_its_expected_numbers(preset):
+    lines = (conf_dir() / "experiment" / f"{preset}.yaml").read_text().splitlines()
+    expected = "\n".join(line for line in lines if line.startswith("#"))
+    expected = expected[expected.index("# Expected"):]
+    assert re.search(r"^# Expected[^\n]* \d+\.\d+ GMACs", expected) and "top-1" in expected, expected
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p.startswith(("grid_", "pareto_"))])
+def test_sweep_preset_is_multirun_ready(preset):
+    """The swept values are valid: every swept group choice exists and the sweep has its own stable directory."""
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params and cfg.sweep_name == preset and cfg.hydra.sweep.dir.endswith(f"multirun/{preset}")
+    for key, values in params.items():
+        if key in ("backbone", "reducer", "dataset"):
+            assert set(values.split(",")) <= set(group_choices(key)), (key, values)
+
+
+def test_submitit_local_sweep_then_relaunch_runs_nothing(tmp_path):
+    """Two jobs through submitit's local executor; the same sweep re-launched (launcher choice does not enter the
+    job directories) finds both finished and returns their stored summaries without training."""
+    sweep = ["sweep_name=pair", *JOB, "reducer=evo_vit", "reducer.keep_ratio=0.5,0.75"]
+    multirun(tmp_path, *sweep, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+             "hydra.launcher.cpus_per_task=1")
+    sweep_dir = tmp_path / "multirun" / "pair"
+    first = summaries(sweep_dir)
+    assert sorted(s["reducer_knobs"]["keep_ratio"] for s in first.values()) == [0.5, 0.75]
+    # Hydra itself rewrites a job's .hydra/ configs and appends to its <job>.log on every launch; the run's files
+    # (checkpoints, phases, export, metrics, summary) are what a skipped job must leave alone.
+    stamps = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/**/*")
+              if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"}
+    assert any(p.suffix == ".ckpt" for p in stamps)
+
+    again = multirun(tmp_path, *sweep)
+    assert again.stdout.count("run finished earlier, nothing to do") + again.stderr.count(
+        "run finished earlier, nothing to do") == 2
+    assert summaries(sweep_dir) == first
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no checkpoint, log or export rewritten
+
+
+def test_interrupted_job_resumes(tmp_path):
+    """A job killed after its first checkpoint continues from it when the sweep is re-launched."""
+    sweep = ["sweep_name=killed", *JOB, "trainer.limit_train_batches=null", "trainer.max_epochs=2",
+             "dataset.train_size=64", "checkpoint.every_n_train_steps=1"]
+    running = multirun(tmp_path, *sweep, wait=False)
+    sweep_dir = tmp_path / "multirun" / "killed"
+    deadline = time.monotonic() + 120
+    while not list(sweep_dir.glob("*/checkpoints/*/last.ckpt")) and running.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.05)
+    os.killpg(running.pid, signal.SIGKILL)
+    running.wait()
+    interrupted = next(sweep_dir.glob("*/checkpoints/*/last.ckpt")).parents[2]
+    assert not (interrupted / "summary.json").is_file(), "the job finished before the kill; the test needs it cut"
+
+    again = multirun(tmp_path, *sweep)
+    assert "resumes from " + str(interrupted) in again.stdout + again.stderr
+    assert [p for p in sweep_dir.iterdir() if p.is_dir()] == [interrupted]  # no second directory for the job
+    assert json.loads((interrupted / "summary.json").read_text())["global_step"] == 2 * 64 // 8
+
+
+def test_optuna_multi_objective_sweep_writes_pareto_front(tmp_path):
+    multirun(tmp_path, "sweep_name=opt", *JOB, "reducer=evo_vit", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+             "reducer.keep_ratio=interval(0.3,0.9)")
+    sweep_dir = tmp_path / "multirun" / "opt"
+    pareto = json.loads((sweep_dir / "pareto.json").read_text())
+    assert pareto["n_trials"] == 2 and pareto["objectives"] == {"val/acc1": "maximize", "model/gmacs": "minimize"}
+    runs = {s["run_dir"]: s for s in summaries(sweep_dir).values()}
+    assert len(runs) == 2 and 1 <= len(pareto["front"]) <= 2
+    for point in pareto["front"]:  # each front point is a finished run, with that run's numbers
+        run = runs[point["run_dir"]]
+        assert point["values"] == {"val/acc1": run["val/acc1"], "model/gmacs": run["model/gmacs"]}
+        assert run["reducer_knobs"]["keep_ratio"] == pytest.approx(point["params"]["reducer.keep_ratio"], abs=0.01)
+    dominated = [a for a in runs.values() for b in runs.values()
+                 if b["val/acc1"] >= a["val/acc1"] and b["model/gmacs"] <= a["model/gmacs"] and
+                 (b["val/acc1"], b["model/gmacs"]) != (a["val/acc1"], a["model/gmacs"])]
+    assert len(pareto["front"]) == len(runs) - len(dominated)
