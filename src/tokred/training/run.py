@@ -36,6 +36,7 @@ from tokred.training.phases import (
     AtomicCheckpointIO, PhaseContext, check_checkpoint, checkpoint_callbacks, checkpoint_dir, find_resume, progress,
     save_phase,
 )
+from tokred.visualize import token_map_callbacks
 
 log = logging.getLogger("tokred")
 
@@ -98,12 +99,13 @@ def _device(cfg: DictConfig) -> torch.device:
 
 
 def _fit(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, phase: Phase, run_dir: Path,
-         logger: Logger | None, meta: dict[str, Any], ckpt: Path | None) -> tuple[int, dict[str, float]]:
+         logger: Logger | None, meta: dict[str, Any], ckpt: Path | None,
+         extra_callbacks: Sequence[Callback] = ()) -> tuple[int, dict[str, float]]:
     """One phase's Lightning fit; returns its global step count and its metrics (with ``val/acc1_best``)."""
     optim = OmegaConf.to_container(cfg.optim, resolve=True) | phase.optim
     directory = checkpoint_dir(run_dir, phase.name)
     callbacks = checkpoint_callbacks(directory, int(cfg.checkpoint.every_n_train_steps))
-    trainer = build_trainer(cfg, run_dir, logger, callbacks, max_epochs=phase.epochs)
+    trainer = build_trainer(cfg, run_dir, logger, [*callbacks, *extra_callbacks], max_epochs=phase.epochs)
     global_batch = int(cfg.dataset.batch_size) * trainer.world_size * int(cfg.trainer.get("accumulate_grad_batches", 1))
     label_smoothing = float(cfg.optim.get("label_smoothing", 0.0))
     module = TokredModule(
@@ -167,6 +169,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # result is the job's result, so the sweeper still gets it without training again.
         log.info("%s exists: run finished earlier, nothing to do (delete %s to train it again)", finished, run_dir)
         return json.loads(finished.read_text())
+    token_maps = token_map_callbacks(cfg.get("visualize"), run_dir)  # a bad value fails before anything is written
     datamodule = build_datamodule(cfg.dataset)
     num_classes = datamodule.num_classes  # reads the data now: a bad dataset fails before anything is written
     model = build_model(cfg, num_classes)
@@ -189,7 +192,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             phase.run(PhaseContext(model, datamodule, cfg, run_dir, _device(cfg), log_fn, rank_zero_only.rank))
         if phase.epochs != 0:
             explicit = ckpt_file if phase.name == ckpt_phase else None
-            steps, state.metrics = _fit(cfg, model, datamodule, phase, run_dir, logger, meta, explicit)
+            steps, state.metrics = _fit(cfg, model, datamodule, phase, run_dir, logger, meta, explicit, token_maps)
             state.step += steps
         if rank_zero_only.rank == 0:
             save_phase(model, run_dir, phase.name, meta, state.step, state.metrics)
