@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test flops benchmark compare report clean
+.PHONY: help install train test flops benchmark compare report sweep clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ benchmark: $(STAMP) ## speed and cost of every reducer vs none (~15 min on 2 CPU
 
 compare: $(STAMP) ## accuracy comparison: baseline + every reducer at 2 budgets on the built-in data, then the report (~1 h)
 	$(BIN)/tokred-compare $(ARGS)
+
+sweep: $(STAMP) ## Optuna Pareto search (top-1 vs GMACs) over Evo-ViT's knobs on the built-in data, 2 trials at a time; re-run to continue
+	$(BIN)/tokred-train -m experiment=pareto_evo_vit hydra/launcher=joblib hydra.launcher.n_jobs=2 hydra.sweeper.n_jobs=2 $(ARGS)
 
 RUNS ?= multirun/compare
 report: $(STAMP) ## table and Pareto plots of the training runs under RUNS (default multirun/compare)
