@@ -34,6 +34,8 @@ from tokred.training.run import train
 # FAST without its logger (the CLI tests choose theirs), and FAST's trainer part alone (for the file datasets).
 FAST_DATA = [o for o in FAST if not o.startswith("logger=")]
 FAST_TRAINER = [o for o in FAST if not o.startswith("dataset.")]
+# Token maps are drawn (and tested) in test_visualize; here they would only cost seconds per run.
+NO_MAPS = "visualize.every_n_epochs=0"
 
 
 class Killed(Exception):
@@ -44,7 +46,7 @@ class Killed(Exception):
 def trained_run(tmp_path_factory) -> tuple[Path, dict]:
     """One finished FAST run (2 epochs x 2 steps) shared by the eval and bad-input tests."""
     root = tmp_path_factory.mktemp("trained")
-    cfg = compose_config([*FAST, f"paths.root={root}"])
+    cfg = compose_config([*FAST, NO_MAPS, f"paths.root={root}"])
     cfg.paths.output_dir = str(root / "run")
     return root / "run", train(cfg)
 
@@ -79,7 +81,7 @@ def assert_nothing_lost(before: dict[str, bytes], after: dict[str, bytes]) -> No
 def test_a_run_killed_mid_epoch_resumes_at_the_same_step_and_optimizer_state(run_cfg, monkeypatch):
     # 3 steps per epoch, 2 epochs; last.ckpt every 2 steps. The kill comes after step 5, mid-way through epoch 1,
     # so the newest checkpoint is the mid-epoch one written at step 4.
-    overrides = ("trainer.limit_train_batches=3", "checkpoint.every_n_train_steps=2")
+    overrides = ("trainer.limit_train_batches=3", "checkpoint.every_n_train_steps=2", NO_MAPS)
     cfg = run_cfg(*overrides)
     run_dir = Path(cfg.paths.output_dir)
 
@@ -132,7 +134,7 @@ class TwoPhases(TokenReducer):
 
 def test_phases_log_into_one_run_with_monotonic_steps_and_resume_inside_a_later_phase(run_cfg, monkeypatch):
     monkeypatch.setitem(reducers._REGISTRY, TwoPhases.name, TwoPhases)
-    cfg = run_cfg("trainer.limit_train_batches=3", "checkpoint.every_n_train_steps=1")
+    cfg = run_cfg("trainer.limit_train_batches=3", "checkpoint.every_n_train_steps=1", NO_MAPS)
     cfg.reducer = {"name": TwoPhases.name}
     run_dir = Path(cfg.paths.output_dir)
 
@@ -154,7 +156,7 @@ def test_phases_log_into_one_run_with_monotonic_steps_and_resume_inside_a_later_
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run_cfg, monkeypatch):
-    cfg = run_cfg("trainer.limit_train_batches=3", "checkpoint.every_n_train_steps=1")
+    cfg = run_cfg("trainer.limit_train_batches=3", "checkpoint.every_n_train_steps=1", NO_MAPS)
     criterion = TokredModule.criterion
 
     def diverge_at_step_4(self, logits, targets):
@@ -175,7 +177,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run_cfg, monk
 
 
 def test_non_finite_weights_never_replace_a_checkpoint(run_cfg, monkeypatch):
-    cfg = run_cfg("trainer.limit_train_batches=3", "checkpoint.every_n_train_steps=1")
+    cfg = run_cfg("trainer.limit_train_batches=3", "checkpoint.every_n_train_steps=1", NO_MAPS)
     step = TokredModule.optimizer_step
 
     def corrupt_after_second_step(self, *args, **kwargs):
@@ -233,7 +235,7 @@ def wandb_offline_run(path: Path) -> tuple[dict, dict, list[str], str]:
 
 
 def test_cli_logs_to_offline_wandb_and_a_killed_run_resumes_with_ckpt_path_last(tmp_path):
-    args = [sys.executable, "-m", "tokred.cli.train", *FAST_DATA, "logger=wandb", f"paths.root={tmp_path}",
+    args = [sys.executable, "-m", "tokred.cli.train", *FAST_DATA, NO_MAPS, "logger=wandb", f"paths.root={tmp_path}",
             "trainer.limit_train_batches=4", "trainer.max_epochs=3", "checkpoint.every_n_train_steps=1"]
     runs = tmp_path / "outputs/none/deit_tiny_cpu"
     first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -287,7 +289,7 @@ def _evaluate_export(run_dir: Path) -> tuple[float, float]:
 
 def test_ddp_on_two_cpu_processes_syncs_metrics_and_writes_one_run(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "tokred.cli.train", *FAST, "trainer=ddp_cpu", f"paths.root={tmp_path}",
+        [sys.executable, "-m", "tokred.cli.train", *FAST, NO_MAPS, "trainer=ddp_cpu", f"paths.root={tmp_path}",
          "trainer.max_epochs=1"],
         capture_output=True, text=True, timeout=400,
     )
@@ -346,12 +348,13 @@ def test_bad_input_is_one_line_naming_the_fix_and_loses_nothing(case, trained_ru
         "indivisible_size": ([*FAST, "backbone.img_size=60"], "use a multiple of 8"),
         "classes_vs_checkpoint": ([*FAST, "dataset.num_classes=5", f"backbone.checkpoint={best}"],
                                   "backbone.reset_head=true"),
-        "classes_vs_resumed_run": ([*FAST, "dataset.num_classes=5", f"ckpt_path={run_dir}"], "backbone.reset_head=true"),
+        "classes_vs_resumed_run": ([*FAST, "dataset.num_classes=5", f"ckpt_path={run_dir}"],
+                                   "backbone.reset_head=true"),
         "other_backbone_weights": ([*FAST, f"backbone.checkpoint={other_backbone_weights}"], "another backbone"),
         "other_backbone_resume": ([*FAST, "backbone.img_size=32", f"ckpt_path={run_dir}"], "backbone.img_size=64"),
     }[case]
     before = snapshot(run_dir)
-    code, _, err = run_cli(train_cli.main, capsys, *FAST_TRAINER, f"paths.root={tmp_path}", *args)
+    code, _, err = run_cli(train_cli.main, capsys, *FAST_TRAINER, NO_MAPS, f"paths.root={tmp_path}", *args)
     assert code == 2
     line = err.strip().splitlines()[-1]
     assert line.startswith("tokred-train: error: ") and fragment in line, err[-2000:]

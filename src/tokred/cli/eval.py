@@ -31,7 +31,8 @@ from tokred.training.phases import read_phase
 from tokred.training.run import evaluate, model_stats
 
 
-def _rebuild(meta: dict[str, Any], structure: dict[str, Any], state: dict[str, torch.Tensor], path: Path) -> TokenReducer:
+def _rebuild(meta: dict[str, Any], structure: dict[str, Any], state: dict[str, torch.Tensor],
+             path: Path) -> TokenReducer:
     model = create_reducer(meta["reducer"], create_backbone(meta["backbone"], int(meta["num_classes"])))
     model.load_structure(structure)
     try:
