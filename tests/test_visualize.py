@@ -180,6 +180,7 @@ def test_cli_reads_a_directory_of_images(evo_run, tmp_path, capsys):
     (["images=/nonexistent/pictures"], "neither a dataset split (train, val) nor an existing directory"),
     (["images={empty}"], "holds no image files"),
     (["ckpt_path={bad}"], "cannot read"),
+    (["ckpt_path=null"], "ckpt_path is required"),
     (["blocks=[12]"], "has blocks 0..11"),
 ])
 def test_cli_bad_input_is_one_line(evo_run, tmp_path, capsys, args, fragment):

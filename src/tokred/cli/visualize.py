@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import hydra
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -37,7 +37,7 @@ def checkpoint_paths(value: Any) -> list[str]:
     """``ckpt_path`` as a list: one path, or several from ``ckpt_path=[a,b,c]``."""
     paths = [str(p) for p in value] if isinstance(value, (list, ListConfig)) else [str(value)]
     if not paths or any(p in ("", "None") for p in paths):
-        raise ConfigError("ckpt_path is empty; pass a run directory, its export/, a phases/*.pt or a "
+        raise ConfigError("ckpt_path is required: a run directory, its export/, a phases/*.pt or a "
                           "checkpoints/*/*.ckpt file, or several as ckpt_path=[a,b]")
     return paths
 
@@ -123,9 +123,6 @@ def visualize(models: Sequence[tuple[TokenReducer, dict[str, Any]]], sources: Se
 @hydra.main(config_path=str(conf_dir()), config_name="visualize", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
-        if OmegaConf.is_missing(cfg, "ckpt_path"):
-            raise ConfigError("ckpt_path is required: a run directory, its export/, a phases/*.pt or a "
-                              "checkpoints/*/*.ckpt file, or several as ckpt_path=[a,b]")
         if int(cfg.n) < 1:
             raise ConfigError(f"n={cfg.n} must be >= 1 (images drawn, one row each)")
         paths = checkpoint_paths(cfg.ckpt_path)
