@@ -40,7 +40,8 @@ TINY_REDUCER = {
 # A multirun job of 2 steps of 8 images: trains in about a second.
 JOB = ["dataset.train_size=16", "dataset.val_size=8", "dataset.batch_size=8", "dataset.num_workers=0",
        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "logger=csv"]
-TRAIN = [sys.executable, "-c", "from tokred.cli.train import main; main()"]
+# The installed console script: Lightning's DDP launcher re-runs the script path (it cannot re-run ``python -c``).
+TRAIN = [str(Path(sys.executable).with_name("tokred-train"))]
 
 
 @pytest.fixture(autouse=True)
@@ -159,3 +160,14 @@ def test_optuna_multi_objective_sweep_writes_pareto_front(tmp_path):
                  if b["val/acc1"] >= a["val/acc1"] and b["model/gmacs"] <= a["model/gmacs"] and
                  (b["val/acc1"], b["model/gmacs"]) != (a["val/acc1"], a["model/gmacs"])]
     assert len(pareto["front"]) == len(runs) - len(dominated)
+
+
+@pytest.mark.slow
+def test_ddp_jobs_of_a_serial_sweep_each_write_one_directory(tmp_path):
+    """Two 2-process DDP jobs one after the other in one sweep process: each job's ranks train that job (not the
+    sweep again), into its directory alone, and the second job is not confused by the first one's process group."""
+    multirun(tmp_path, "sweep_name=ddp", *JOB, "trainer=ddp_cpu", "seed=1,2")
+    done = summaries(tmp_path / "multirun" / "ddp")
+    # JOB's 16 training images over 2 ranks of batch 8: one optimizer step per job.
+    assert len(done) == 2 and all(s["global_step"] == 1 for s in done.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multirun"]  # no rank wrote an outputs/ run elsewhere

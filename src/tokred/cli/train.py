@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
@@ -44,27 +46,39 @@ def report(summary: dict[str, Any]) -> str:
     ])
 
 
-def _ranks_run_this_job() -> None:
-    """In a multirun job, make Lightning's DDP launcher start this job's other ranks, not the whole sweep again.
+@contextmanager
+def _multirun_job() -> Iterator[None]:
+    """Make a multirun job's DDP ranks run this job, and leave no DDP state behind for the next job of the sweep.
 
     Lightning starts ranks > 0 as ``sys.argv`` plus ``hydra.run.dir=<HydraConfig run.dir>``; in a multirun those are
     the sweep's command line (``-m`` and every sweep value) and a directory that is not the job's, so each rank would
-    launch the sweep anew and write elsewhere (lightning-hydra-template #393). Point both at this job instead.
+    launch the sweep anew and write elsewhere (lightning-hydra-template #393): point both at this job. Lightning also
+    leaves its process group and rank variables (LOCAL_RANK, MASTER_PORT, ...) in this process, which would make the
+    next job of a serial sweep believe its ranks already exist: both are cleared when the job ends.
     """
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
+        yield
         return
     sys.argv[1:] = list(hydra_cfg.overrides.task)
     with open_dict(hydra_cfg), read_write(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    environ = dict(os.environ)
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
     try:
         validate(cfg)
-        _ranks_run_this_job()
-        summary = train(cfg)
+        with _multirun_job():
+            summary = train(cfg)
     except USER_ERRORS as err:
         fail("tokred-train", err)
     except NonFiniteLossError as err:
