@@ -271,7 +271,7 @@ def test_cli_logs_to_offline_wandb_and_a_killed_run_resumes_with_ckpt_path_last(
     assert logged["val/acc1"] == pytest.approx(summary["val/acc1"])
     assert config["backbone"]["name"] == "deit_tiny_cpu" and config["reducer"]["name"] == "none"
     assert config["dataset"]["name"] == "synthetic" and "model/gmacs" in config
-    assert group == "none" and {"none", "deit_tiny_cpu", "synthetic"} <= set(tags)
+    assert group == "default" and {"none", "deit_tiny_cpu", "synthetic"} <= set(tags)  # the sweep_name
 
 
 # ------------------------------------------------------------------------------------------------ DDP
