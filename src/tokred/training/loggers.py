@@ -11,7 +11,6 @@ import csv
 import netrc
 import os
 import secrets
-import time
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
@@ -62,24 +61,8 @@ class RunCSVLogger(_PhaseSteps, CSVLogger):
         return f"CSV logs: {Path(self.log_dir) / 'metrics.csv'}"
 
 
-WANDB_ID_RELEASE_TIMEOUT_S = 90
-
-
 class RunWandbLogger(_PhaseSteps, WandbLogger):
     """A wandb run under ``<run_dir>/wandb``; the final summary holds the run's headline numbers."""
-
-    @property
-    def experiment(self) -> Any:
-        # After a hard kill, the dead run's wandb service can hold the run id for a little while; a resume started at
-        # once fails with "run ID ... is in use". Wait for the id to be released rather than lose the resume.
-        deadline = time.monotonic() + WANDB_ID_RELEASE_TIMEOUT_S
-        while True:
-            try:
-                return super().experiment
-            except Exception as err:  # wandb raises its own error types, which move between releases
-                if "is in use" not in str(err) or time.monotonic() > deadline:
-                    raise
-                time.sleep(2)
 
     @rank_zero_only
     def finish(self, summary: Mapping[str, Any]) -> None:
