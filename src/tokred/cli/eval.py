@@ -26,7 +26,7 @@ from tokred.export import load_deployable
 from tokred.io import atomic_write_json
 from tokred.reducers import create_reducer
 from tokred.reducers.base import TokenReducer
-from tokred.training.loggers import build_logger
+from tokred.training.loggers import build_logger, own_wandb_service
 from tokred.training.phases import read_phase
 from tokred.training.run import evaluate, model_stats
 
@@ -113,6 +113,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    own_wandb_service()
     try:
         check_group_overrides(sys.argv[1:])
     except USER_ERRORS as err:

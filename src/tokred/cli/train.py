@@ -22,6 +22,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from tokred.backbones import CheckpointError
 from tokred.config import ConfigError, check_group_overrides, conf_dir, fail, runs_root, validate
 from tokred.data import DatasetError
+from tokred.training.loggers import own_wandb_service
 from tokred.training.module import NonFiniteLossError
 from tokred.training.phases import find_resume
 from tokred.training.run import train
@@ -120,6 +121,7 @@ def launch_overrides(args: list[str]) -> list[str]:
 
 
 def main() -> None:
+    own_wandb_service()
     try:
         check_group_overrides(sys.argv[1:])
         sys.argv[1:] = launch_overrides(sys.argv[1:])

@@ -94,6 +94,15 @@ def wandb_mode(setting: str) -> str:
         return "offline"
 
 
+def own_wandb_service() -> None:
+    """Drop a wandb service inherited from a parent process (``WANDB_SERVICE``): each tokred process starts its own.
+
+    Attached to another process's service, a run that is killed hard stays registered there, and resuming it fails
+    with "run ID ... is in use" for as long as that process lives.
+    """
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 def _wandb_run_id(run_dir: Path) -> str:
     """The run directory's wandb id, created on first use, so a resumed run continues the same wandb run."""
     path = run_dir / "wandb_run_id"
