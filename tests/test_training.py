@@ -234,31 +234,39 @@ def wandb_offline_run(path: Path) -> tuple[dict, dict, list[str], str]:
     return summary, config, tags, group
 
 
-def test_a_killed_run_resumes_with_ckpt_path_last_into_the_same_wandb_run(tmp_path, monkeypatch):
-    # A wandb service inherited from a parent process (here: one this test process starts) must not be shared:
-    # a run killed while attached to it would keep its id busy and the resume would fail with "run ID ... is in use".
-    import wandb
-
-    monkeypatch.delenv("WANDB_SERVICE", raising=False)  # removed again after the test
-    wandb.init(project="parent", mode="offline", dir=str(tmp_path)).finish()
-    assert "WANDB_SERVICE" in os.environ
+def test_a_killed_run_resumes_with_ckpt_path_last_into_the_same_wandb_run(tmp_path):
+    # A wandb service inherited from a parent process (WANDB_SERVICE) must not be shared: a run killed while attached
+    # to it would keep its id busy and the resume would fail with "run ID ... is in use". The parent is a separate
+    # process that holds its service for the whole test, so the case does not depend on this process's wandb state.
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, wandb; wandb.init(project='parent', mode='offline', dir=sys.argv[1]); "
+         "print(os.environ['WANDB_SERVICE'], flush=True); sys.stdin.read()", str(tmp_path)],
+        env={k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
     args = [sys.executable, "-m", "tokred.cli.train", *FAST_DATA, NO_MAPS, "logger=wandb", f"paths.root={tmp_path}",
             "trainer.limit_train_batches=4", "trainer.max_epochs=3", "checkpoint.every_n_train_steps=1"]
     runs = tmp_path / "outputs/none/deit_tiny_cpu"
-    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while not list(runs.glob("*/checkpoints/train/last.ckpt")) and first.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert first.poll() is None, f"the first run ended before its first checkpoint: {first.stderr.read()[-2000:]}"
+        env = dict(os.environ, WANDB_SERVICE=parent.stdout.readline().strip())
+        assert env["WANDB_SERVICE"], "the parent process started no wandb service"
+        first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 start_new_session=True)
+        try:
+            deadline = time.time() + 240
+            while (not list(runs.glob("*/checkpoints/train/last.ckpt")) and first.poll() is None
+                   and time.time() < deadline):
+                time.sleep(0.05)
+            assert first.poll() is None, f"the first run ended early: {first.stderr.read()[-2000:]}"
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+        (run_dir,) = runs.iterdir()
+        assert not (run_dir / "summary.json").exists(), "the first run was killed before it finished"
+        second = subprocess.run([*args, "ckpt_path=last"], env=env, capture_output=True, text=True, timeout=300)
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-    (run_dir,) = runs.iterdir()
-    assert not (run_dir / "summary.json").exists(), "the first run was killed before it finished"
-
-    second = subprocess.run([*args, "ckpt_path=last"], capture_output=True, text=True, timeout=300)
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
     assert second.returncode == 0, second.stderr[-2000:]
     assert list(runs.iterdir()) == [run_dir], "the resumed run continues in the killed run's directory"
     summary = json.loads((run_dir / "summary.json").read_text())
