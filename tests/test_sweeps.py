@@ -17,7 +17,7 @@ import torch
 from conftest import FAST
 from hydra import compose, initialize_config_dir
 
-from tokred.config import compose_config, conf_dir, group_choices
+from tokred.config import MAX_DIRNAME, compose_config, conf_dir, group_choices, job_dirname
 from tokred.training.run import train
 
 PRESETS = group_choices("experiment")
@@ -121,6 +121,18 @@ def test_submitit_local_sweep_then_relaunch_runs_nothing(tmp_path):
         "run finished earlier, nothing to do") == 2
     assert summaries(sweep_dir) == first
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no checkpoint, log or export rewritten
+
+
+def test_job_directories_stay_one_short_path_component_with_path_values_and_long_overrides(tmp_path):
+    sweep = ["sweep_name=paths", *JOB, "paths.data_dir=/data/imagenet,/data/" + "x" * 300]
+    multirun(tmp_path, *sweep)
+    sweep_dir = tmp_path / "multirun" / "paths"
+    jobs = sorted(summaries(sweep_dir))
+    assert len(jobs) == 2 and all(len(name.encode()) <= MAX_DIRNAME for name in jobs), jobs
+    assert any("paths.data_dir=_data_imagenet" in name for name in jobs)
+    assert job_dirname("a=" + "x" * 300) != job_dirname("a=" + "x" * 299 + "y")  # hashed, so still unique
+    again = multirun(tmp_path, *sweep)  # the same names on a re-launch: both jobs are found finished
+    assert (again.stdout + again.stderr).count("run finished earlier, nothing to do") == 2
 
 
 def test_interrupted_job_resumes(tmp_path):

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tokred.reducers import reducer_config
 
 GROUPS = ("backbone", "reducer", "dataset", "optim", "trainer", "logger", "experiment")
+MAX_DIRNAME = 200  # under the 255-byte name limit of common filesystems
+
+
+def job_dirname(overrides: str) -> str:
+    """A multirun job's directory name from its overrides (``hydra.job.override_dirname``): one path component.
+
+    Slashes in values (checkpoint or data paths) would nest directories, so they become ``_``; a name longer than
+    MAX_DIRNAME keeps its start and ends with a hash of the whole, so it stays unique and the same on every launch
+    (re-launched sweeps find their finished and interrupted jobs by this name).
+    """
+    name = overrides.replace("/", "_")
+    if len(name.encode()) <= MAX_DIRNAME:
+        return name
+    digest = hashlib.sha1(overrides.encode()).hexdigest()[:12]
+    return name.encode()[:MAX_DIRNAME - 13].decode(errors="ignore") + "-" + digest
+
+
+# Referenced by conf/train.yaml (hydra.sweep.subdir); registered on import, which every tokred process (launcher
+# workers included, as they unpickle the task function) does before Hydra resolves the job's directory.
+OmegaConf.register_new_resolver("tokred.job_dirname", job_dirname, replace=True)
 
 
 def conf_dir() -> Path:

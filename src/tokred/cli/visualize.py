@@ -27,7 +27,6 @@ from tokred.config import ConfigError, check_group_overrides, conf_dir, fail
 from tokred.data import DatasetError, build_datamodule
 from tokred.data.transforms import eval_transform
 from tokred.reducers.base import TokenMap, TokenReducer
-from tokred.reducers.patch_slimming import _train_images_eval_transform
 from tokred.visualize import comparison_figure, reducer_figure, save_figure
 
 SPLITS = ("train", "val")
@@ -71,7 +70,7 @@ def load_images(spec: str, n: int, dataset_cfg: DictConfig) -> torch.Tensor:
     if spec in SPLITS:
         datamodule = build_datamodule(dataset_cfg)
         # The training split carries augmentations; drawn maps should show the images as they are.
-        dataset = datamodule.val_set if spec == "val" else _train_images_eval_transform(datamodule)
+        dataset = datamodule.val_set if spec == "val" else datamodule.train_set_for_eval
         return split_images(dataset, n)
     folder = Path(spec).expanduser()
     if not folder.is_dir():

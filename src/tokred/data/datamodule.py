@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 from typing import Any, Callable, Mapping
 
 import lightning as L
@@ -14,6 +16,8 @@ from tokred.data.errors import DatasetError
 from tokred.data.files import cifar, image_folder
 from tokred.data.synthetic import ShapesDataset
 from tokred.data.transforms import PIL_AUG_KEYS
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -73,6 +77,22 @@ class ImageDataModule(L.LightningDataModule):
     def val_set(self) -> Dataset:
         self._build()
         return self._val
+
+    @property
+    def train_set_for_eval(self) -> Dataset:
+        """Training images under the validation transform: deterministic, for scoring and token maps.
+
+        Datasets that keep their transform in ``.transform`` (torchvision, the built-in one) get a shallow copy with
+        the validation transform; others are used as they are, with a warning.
+        """
+        train, val = self.train_set, self.val_set
+        if hasattr(train, "transform") and hasattr(val, "transform"):
+            view = copy.copy(train)
+            view.transform = val.transform
+            return view
+        log.warning("%s: cannot swap the training set's transform; it keeps its training augmentations",
+                    self.cfg.get("name", "dataset"))
+        return train
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer

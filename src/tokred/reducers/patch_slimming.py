@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from tokred.flops import BlockCost, ModelCost, bisect_budget, head_macs, num_tokens, stem_macs
@@ -42,7 +42,6 @@ from tokred.reducers.base import Phase, ReducerConfig, TokenMap, TokenReducer
 from tokred.vit_ops import UnsupportedBackbone, block_forward, check_standard_vit, embed, classify, project_qkv
 
 if TYPE_CHECKING:
-    from tokred.data import ImageDataModule
     from tokred.training.phases import PhaseContext
 
 log = logging.getLogger("tokred")
@@ -363,21 +362,6 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def _train_images_eval_transform(datamodule: "ImageDataModule") -> Dataset:
-    """Training images under the validation transform (spec A2/A8: deterministic scoring and errors).
-
-    Datasets that keep their transform in ``.transform`` (torchvision, the built-in one) get a shallow copy with the
-    validation transform; others are used as they are, with a warning.
-    """
-    train, val = datamodule.train_set, datamodule.val_set
-    if hasattr(train, "transform") and hasattr(val, "transform"):
-        view = copy.copy(train)
-        view.transform = val.transform
-        return view
-    log.warning("patch_slimming: cannot swap the training set's transform; scoring uses training augmentations")
-    return train
-
-
 def next_epsilon(history: Sequence[tuple[float, float]], target: float, start: float, rtol: float) -> float | None:
     """The next epsilon of the bisection given (epsilon, GMACs) of finished searches, or None when done.
 
@@ -416,7 +400,7 @@ class SlimmingSearch:
         self.root = ctx.phase_dir("search")
         self.device = ctx.device
         self.original = {k: v.detach().cpu().clone() for k, v in self.vit.blocks.state_dict().items()}
-        self.data = _train_images_eval_transform(ctx.datamodule)
+        self.data = ctx.datamodule.train_set_for_eval  # spec A2/A8: deterministic scores and errors
         order = np.random.default_rng(_seed(self.cfg.seed, 0)).permutation(len(self.data))
         n_holdout = min(self.cfg.holdout_images, len(self.data) // 2)
         n_cache = min(self.cfg.cache_images, len(self.data) - n_holdout)
