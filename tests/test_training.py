@@ -9,13 +9,16 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 import timm
+from lightning.pytorch.utilities import rank_zero_only
 from conftest import FAST
 
 from tokred import reducers
@@ -29,7 +32,9 @@ from tokred.reducers.base import Phase, TokenReducer
 from tokred.training.loggers import wandb_mode
 from tokred.training.module import NonFiniteLossError, TokredModule
 from tokred.training.optim import lr_factor
-from tokred.training.run import train
+from tokred.training import phases as phases_mod
+from tokred.training.phases import PhaseContext, save_phase
+from tokred.training.run import build_model, train
 
 # FAST without its logger (the CLI tests choose theirs), and FAST's trainer part alone (for the file datasets).
 FAST_DATA = [o for o in FAST if not o.startswith("logger=")]
@@ -153,6 +158,57 @@ def test_phases_log_into_one_run_with_monotonic_steps_and_resume_inside_a_later_
     steps = [int(r["step"]) for r in rows]
     assert steps == sorted(steps) and max(steps) == 6, "one monotonic step axis across phases and the resume"
     assert [r["search/score"] for r in rows if r["search/score"]] == ["0.5"]
+
+
+class SearchWithoutFit(TokenReducer):
+    """A search phase without a fit (like Patch Slimming's), then a fine-tuning fit whose set-up step (run by every
+    rank) reports the weights it starts from."""
+
+    name = "search_without_fit"
+    searched_on: list[int] = []
+    finetune_bias: list[float] = []
+
+    def phases(self) -> list[Phase]:
+        return [Phase("search", 0, run=self._search), Phase("finetune", 1, run=self._record)]
+
+    def _search(self, ctx) -> None:
+        self.searched_on.append(ctx.rank)
+        with torch.no_grad():
+            self.vit.head.bias.fill_(7.0)
+
+    def _record(self, ctx) -> None:
+        self.finetune_bias.append(float(self.vit.head.bias.detach().mean()))
+
+
+def test_ranks_other_than_0_take_a_phase_without_fit_from_rank_0s_snapshot(run_cfg, monkeypatch):
+    # Ranks started together by the cluster (srun) all reach the search; only rank 0 may run it, or GPU
+    # non-determinism could give the ranks different architectures.
+    monkeypatch.setitem(reducers._REGISTRY, SearchWithoutFit.name, SearchWithoutFit)
+    monkeypatch.setattr(SearchWithoutFit, "searched_on", [])
+    monkeypatch.setattr(SearchWithoutFit, "finetune_bias", [])
+    cfg = run_cfg(NO_MAPS, "trainer.limit_train_batches=1")
+    cfg.reducer = {"name": SearchWithoutFit.name}
+    run_dir = Path(cfg.paths.output_dir)
+
+    waiting = threading.Event()  # set by the "waiting for rank 0" message: rank 1 is blocked in the search phase
+    monkeypatch.setattr(phases_mod, "log", SimpleNamespace(info=lambda *args: waiting.set()))
+    monkeypatch.setattr(phases_mod, "POLL_S", 0.01)
+
+    def rank_0_searches_later() -> None:
+        assert waiting.wait(timeout=60)
+        rank_0 = build_model(cfg, 10)
+        rank_0._search(PhaseContext(rank_0, None, cfg, run_dir))
+        save_phase(rank_0, run_dir, "search")
+
+    writer = threading.Thread(target=rank_0_searches_later)
+    writer.start()
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    try:
+        train(cfg)
+    finally:
+        writer.join()
+    assert waiting.is_set() and SearchWithoutFit.searched_on == [0], "rank 1 waited for rank 0's search instead of running its own"
+    assert SearchWithoutFit.finetune_bias == [7.0], "and continued from rank 0's searched model"
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run_cfg, monkeypatch):

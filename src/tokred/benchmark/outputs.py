@@ -97,14 +97,21 @@ def scatter_plot(
     for ax, backbone in zip(axes[0], panels):
         sub = [r for r in rows if r["backbone"] == backbone]
         seen: set[tuple[str, str]] = set()
+        labelled: set[tuple[str, int, int]] = set()
+        x_span = (max(r[x] for r in sub) - min(r[x] for r in sub)) or 1.0
+        y_span = (max(r[y] for r in sub) - min(r[y] for r in sub)) or 1.0
         for r in sub:
             key = (r["reducer"], r["kind"])
             ax.scatter(r[x], r[y], color=colors[r["reducer"]], marker=MARKERS.get(r["kind"], "o"),
                        s=90 if r["kind"] == "baseline" else 40, zorder=3,
                        label=None if key in seen else f"{r['reducer']} ({KIND_LABELS.get(r['kind'], r['kind'])})")
             seen.add(key)
-            ax.annotate(str(r.get(label_key, "")), (r[x], r[y]), fontsize=6, xytext=(3, 3),
-                        textcoords="offset points")
+            # Matched-budget rows of different reducers bunch up with the same label: write it once per spot.
+            text = str(r.get(label_key, ""))
+            spot = (text, round(r[x] / x_span * 40), round(r[y] / y_span * 40))
+            if spot not in labelled:
+                labelled.add(spot)
+                ax.annotate(text, (r[x], r[y]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         if ideal:
             base = next((r for r in sub if r["reducer"] == "none"), None)
             if base is not None:

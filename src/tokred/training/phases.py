@@ -13,6 +13,8 @@ last one's model, and resumes an interrupted fit from that phase's ``last.ckpt``
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -28,6 +30,9 @@ from tokred.data import ImageDataModule
 from tokred.io import atomic_write
 from tokred.reducers.base import Phase, TokenReducer
 from tokred.training.module import NonFiniteLossError
+
+log = logging.getLogger("tokred")
+POLL_S = 5.0  # how often a rank waiting for rank 0's phase looks for its snapshot
 
 
 @dataclass
@@ -80,6 +85,24 @@ def load_phase(model: TokenReducer, path: Path) -> dict[str, Any]:
     model.load_structure(payload["structure"])
     model.load_state_dict(payload["state_dict"])
     return payload
+
+
+def wait_for_phase(model: TokenReducer, run_dir: Path, phase: str) -> dict[str, Any]:
+    """Block until rank 0 has written ``phase``'s snapshot, then restore it into ``model``; returns the payload.
+
+    For ranks started together by the cluster (``srun``, ``torchrun``) before any fit: a phase without a fit (a
+    search, an extraction) is rank 0's alone, and the others take its result, so every rank trains the same
+    architecture even where searches on GPUs are not bit-identical.
+    """
+    path = phase_checkpoint(run_dir, phase)
+    started = next_note = time.monotonic()
+    while not path.is_file():
+        if time.monotonic() >= next_note:
+            log.info("waiting for rank 0 to finish phase %r (%s), %.0f min so far", phase, path,
+                     (time.monotonic() - started) / 60)
+            next_note += 600
+        time.sleep(POLL_S)
+    return load_phase(model, path)
 
 
 @dataclass

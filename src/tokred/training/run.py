@@ -34,7 +34,7 @@ from tokred.training.module import NonFiniteLossError, TokredModule
 from tokred.training.optim import effective_lr
 from tokred.training.phases import (
     AtomicCheckpointIO, PhaseContext, check_checkpoint, checkpoint_callbacks, checkpoint_dir, find_resume, progress,
-    save_phase,
+    save_phase, wait_for_phase,
 )
 from tokred.visualize import token_map_callbacks
 
@@ -188,6 +188,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model.enter_phase(phase.name)
         if logger is not None:
             logger.step_offset = state.step
+        if phase.run is not None and phase.epochs == 0 and rank_zero_only.rank != 0:
+            payload = wait_for_phase(model, run_dir, phase.name)  # rank 0 runs it; see wait_for_phase
+            state.step, state.metrics = int(payload.get("global_step", 0)), dict(payload.get("metrics", {}))
+            continue
         if phase.run is not None:
             log_fn = partial(logger.log_metrics, step=0) if logger is not None else (lambda metrics: None)
             phase.run(PhaseContext(model, datamodule, cfg, run_dir, _device(cfg), log_fn, rank_zero_only.rank))
