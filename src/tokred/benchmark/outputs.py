@@ -97,7 +97,7 @@ def scatter_plot(
     for ax, backbone in zip(axes[0], panels):
         sub = [r for r in rows if r["backbone"] == backbone]
         seen: set[tuple[str, str]] = set()
-        labelled: set[tuple[str, int, int]] = set()
+        labelled: list[tuple[float, float]] = []
         x_span = (max(r[x] for r in sub) - min(r[x] for r in sub)) or 1.0
         y_span = (max(r[y] for r in sub) - min(r[y] for r in sub)) or 1.0
         for r in sub:
@@ -106,12 +106,13 @@ def scatter_plot(
                        s=90 if r["kind"] == "baseline" else 40, zorder=3,
                        label=None if key in seen else f"{r['reducer']} ({KIND_LABELS.get(r['kind'], r['kind'])})")
             seen.add(key)
-            # Matched-budget rows of different reducers bunch up with the same label: write it once per spot.
-            text = str(r.get(label_key, ""))
-            spot = (text, round(r[x] / x_span * 40), round(r[y] / y_span * 40))
-            if spot not in labelled:
-                labelled.add(spot)
-                ax.annotate(text, (r[x], r[y]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            # Rows at equal budgets bunch up and their labels would print over each other: one label per spot
+            # (colour and marker still tell the rows apart).
+            spot = (r[x] / x_span, r[y] / y_span)
+            if all(abs(spot[0] - u) > 0.06 or abs(spot[1] - v) > 0.05 for u, v in labelled):
+                labelled.append(spot)
+                ax.annotate(str(r.get(label_key, "")), (r[x], r[y]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
         if ideal:
             base = next((r for r in sub if r["reducer"] == "none"), None)
             if base is not None:
