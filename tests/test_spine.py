@@ -11,7 +11,7 @@ import torch
 
 from tokred.backbones import create_backbone
 from tokred.config import ConfigError, check_group_overrides, compose_config, validate
-from tokred.flops import count_params, counted_gmacs
+from tokred.flops import count_params, counted_gmacs, register_cpu_attention_formula
 from tokred.reducers import available_reducers, create_reducer, reducer_config
 from tokred.training.run import build_model, train
 
@@ -33,6 +33,20 @@ def test_baseline_gmacs_match_the_papers(backbone, paper_gmacs):
     analytic = model.cost().gmacs
     assert analytic == pytest.approx(paper_gmacs, rel=0.01)
     assert counted_gmacs(model, 224) == pytest.approx(analytic, rel=0.02)
+
+
+def test_cpu_fused_attention_is_counted_once_with_the_standard_formula():
+    # Every torch in the supported window: the CPU flash kernel gets 2 * B * H * Lq * Lk * (E_qk + E_v) FLOPs, not 0,
+    # and registering twice (a second counted_gmacs) neither raises nor doubles it.
+    from torch.nn.functional import scaled_dot_product_attention
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 4)
+    for _ in range(2):
+        register_cpu_attention_formula()
+        with FlopCounterMode(display=False) as counter:
+            scaled_dot_product_attention(q, k, v)
+        assert counter.get_total_flops() == 2 * 2 * 3 * 5 * 7 * (8 + 4)
 
 
 def test_deit_small_has_22m_params():

@@ -6,8 +6,8 @@ produced for each model:
 * ``analytic_gmacs``: from the per-block token counts and widths a reducer reports (:class:`BlockCost`). Like the
   papers, it counts the linear layers and the two attention matmuls and ignores LayerNorm, softmax, GELU, biases,
   sorting and gathering.
-* ``counted_gmacs``: ``torch.utils.flop_counter`` on a real forward pass, halved (it counts 2 FLOPs per MAC). On CPU
-  older torch releases count the fused SDPA kernel as 0, so we register the standard formula where missing.
+* ``counted_gmacs``: ``torch.utils.flop_counter`` on a real forward pass, halved (it counts 2 FLOPs per MAC). torch
+  counts the CPU fused-attention kernel as 0, so we register the standard formula for it where missing.
 
 Tests hold the two within 2% of each other and of the papers' numbers.
 """
@@ -98,12 +98,20 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _uncounted_sdpa_kernels() -> dict:
-    """Formulas for SDPA kernels older torch releases leave uncounted (the CPU flash kernel counted 0 before 2.6)."""
+def register_cpu_attention_formula() -> None:
+    """Teach torch's FLOP counter the CPU fused-attention kernel, through its public registration API.
+
+    ``FlopCounterMode`` knows the CUDA SDPA kernels but not ``_scaled_dot_product_flash_attention_for_cpu`` (checked
+    up to torch 2.14), so every fused attention on a CPU would count 0. Registered once, with our own unwrapped
+    formula: torch's ``sdpa_flop`` is already wrapped for its registry and must not be handed to it again.
+    """
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is None or op in flop_counter.flop_registry:
-        return {}
-    return {op: flop_counter.sdpa_flop}
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 @torch.no_grad()
@@ -114,7 +122,8 @@ def counted_gmacs(model: nn.Module, img_size: int, in_chans: int = 3, batch_size
     try:
         param = next(model.parameters())
         x = torch.randn(batch_size, in_chans, img_size, img_size, device=param.device, dtype=param.dtype)
-        counter = flop_counter.FlopCounterMode(display=False, custom_mapping=_uncounted_sdpa_kernels())
+        register_cpu_attention_formula()
+        counter = flop_counter.FlopCounterMode(display=False)
         with counter:
             model(x)
         return counter.get_total_flops() / 2 / batch_size / 1e9
