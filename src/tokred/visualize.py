@@ -7,6 +7,7 @@ each input patch by the output token it feeds most.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -25,6 +26,8 @@ from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from tokred.data.datamodule import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from tokred.io import atomic_write  # noqa: E402
 from tokred.reducers.base import TokenMap, TokenReducer  # noqa: E402
+
+log = logging.getLogger("tokred")
 
 KIND_LABEL = {"kept": "kept", "informative": "slow path", "assignment": "merged into"}
 
@@ -153,6 +156,7 @@ class TokenMapCallback(Callback):
         self.out_dir = Path(out_dir)
         self.every_n_epochs = every_n_epochs
         self.n = n
+        self.failures: list[str] = []  # one line per drawing that failed; the run reports them when it ends
 
     def due(self, epoch: int, max_epochs: int) -> bool:
         """Whether the validation ending (0-based) ``epoch`` of a ``max_epochs`` fit is drawn."""
@@ -162,14 +166,25 @@ class TokenMapCallback(Callback):
         if trainer.sanity_checking or not trainer.is_global_zero or not self.due(trainer.current_epoch,
                                                                                trainer.max_epochs):
             return
-        dataset = trainer.datamodule.val_set
-        images = torch.stack([dataset[i][0] for i in range(min(self.n, len(dataset)))]).to(pl_module.device)
         model: TokenReducer = pl_module.model
-        was_training = model.training
+        was_training, phase, epoch = model.training, model.phase or "fit", trainer.current_epoch
+        try:
+            self.draw(trainer, model, phase, epoch)
+        except Exception as err:  # noqa: BLE001 - a figure is never worth the training run
+            run_dir = self.out_dir.parent
+            log.warning("token maps of %s epoch %d failed (%s: %s); draw them later with tokred-visualize "
+                        "ckpt_path=%s", phase, epoch, type(err).__name__, err, run_dir)
+            self.failures.append(f"drawing token maps failed ({type(err).__name__}; redo: tokred-visualize "
+                                 f"ckpt_path={run_dir})")
+        finally:
+            model.train(was_training)
+
+    def draw(self, trainer: L.Trainer, model: TokenReducer, phase: str, epoch: int) -> None:
+        dataset = trainer.datamodule.val_set
+        device = next(model.parameters()).device
+        images = torch.stack([dataset[i][0] for i in range(min(self.n, len(dataset)))]).to(device)
         model.eval()
         maps = model.token_maps(images)
-        model.train(was_training)
-        phase, epoch = model.phase or "fit", trainer.current_epoch
         fig = reducer_figure(images, maps, title=f"{model.name} - {phase} epoch {epoch}")
         path = save_figure(fig, self.out_dir / f"{phase}_epoch_{epoch:03d}.png")
         for logger in trainer.loggers:

@@ -25,7 +25,7 @@ from tokred.data import DatasetError
 from tokred.training.loggers import own_wandb_service
 from tokred.training.module import NonFiniteLossError
 from tokred.training.phases import find_resume
-from tokred.training.run import train
+from tokred.training.run import IncompleteRunError, train
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, ValueError, FileNotFoundError)
 
@@ -83,6 +83,10 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
     except USER_ERRORS as err:
         fail("tokred-train", err)
     except NonFiniteLossError as err:
+        fail("tokred-train", err, code=1)
+    except IncompleteRunError as err:
+        if rank_zero_only.rank == 0:
+            print(report(err.summary), flush=True)
         fail("tokred-train", err, code=1)
     if rank_zero_only.rank == 0:
         print(report(summary), flush=True)

@@ -11,7 +11,7 @@ import logging
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
@@ -165,7 +165,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resume_dir, ckpt_file = find_resume(cfg.get("ckpt_path"), output_dir.parent)
     run_dir = resume_dir or output_dir
     finished = run_dir / "summary.json"
-    if resume_dir is None and finished.is_file():
+    if resume_dir is None and finished.is_file() and "failed_steps" not in json.loads(finished.read_text()):
         # A re-launched multirun job (its directory derives from its overrides) that already finished: its stored
         # result is the job's result, so the sweeper still gets it without training again.
         log.info("%s exists: run finished earlier, nothing to do (delete %s to train it again)", finished, run_dir)
@@ -203,19 +203,59 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             save_phase(model, run_dir, phase.name, meta, state.step, state.metrics)
     if logger is not None:
         logger.step_offset = state.step
-    final = evaluate(model.deployable(), datamodule, cfg, run_dir, logger)
-    stats = model_stats(model, int(cfg.backbone.img_size))
+    return finish(cfg, model, datamodule, run_dir, logger, state.step, state.metrics, token_maps)
+
+
+class IncompleteRunError(RuntimeError):
+    """Training finished but a step after it failed; the run directory holds everything else (see ``finish``)."""
+
+    def __init__(self, summary: dict[str, Any], failed: list[str]) -> None:
+        self.summary = summary
+        super().__init__(f"training finished, but {'; '.join(failed)}. Everything else is in {summary['run_dir']} "
+                         "(summary.json lists what is missing)")
+
+
+def finish(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, run_dir: Path,
+           logger: Logger | None, step: int, metrics: dict[str, float],
+           token_maps: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Evaluate, count, export and summarise a trained model; return the summary (also written to summary.json).
+
+    No step here may lose the trained run: each failure is logged and skipped, summary.json and export/ are written
+    with whatever the other steps produced, and :class:`IncompleteRunError` then names what failed. Re-running with
+    ``ckpt_path=<run_dir>`` redoes only these steps, since every phase has its snapshot.
+    """
+    failed = [failure for callback in token_maps for failure in getattr(callback, "failures", [])]
+
+    def attempt(step_name: str, work: Callable[[], Any], default: Any = None) -> Any:
+        try:
+            return work()
+        except Exception as err:  # noqa: BLE001 - whatever broke, the trained weights must still be written out
+            log.exception("%s failed", step_name)
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
+            failed.append(f"{step_name} failed ({reason}; redo: tokred-train <same overrides> ckpt_path={run_dir})")
+            return default
+
+    img_size = int(cfg.backbone.img_size)
+    final = attempt("the final evaluation", lambda: evaluate(model.deployable(), datamodule, cfg, run_dir, logger), {})
+    stats = model_stats(model, img_size, counted=False)
+    stats |= attempt("counting FLOPs", lambda: {"model/gmacs_counted": counted_gmacs(model.deployable(), img_size)},
+                     {})
     summary = {
         "backbone": cfg.backbone.name, "backbone_model": cfg.backbone.model, "reducer": cfg.reducer.name,
         "reducer_knobs": model.knobs(), "dataset": cfg.dataset.name, **stats,
         "val/acc1": final.get("val/acc1"), "val/acc5": final.get("val/acc5"),
-        "val/acc1_best": state.metrics.get("val/acc1_best"), "val/acc1_last_epoch": state.metrics.get("val/acc1"),
-        "global_step": state.step, "run_dir": str(run_dir), "checkpoints": str(run_dir / "checkpoints"),
+        "val/acc1_best": metrics.get("val/acc1_best"), "val/acc1_last_epoch": metrics.get("val/acc1"),
+        "global_step": step, "run_dir": str(run_dir), "checkpoints": str(run_dir / "checkpoints"),
         "logs": logger.location() if logger is not None else "none (logger=null)",
     }
     if rank_zero_only.rank == 0:
-        save_deployable(model, run_dir / "export", OmegaConf.to_container(cfg, resolve=True))
+        config = OmegaConf.to_container(cfg, resolve=True)
+        attempt("the export", lambda: save_deployable(model, run_dir / "export", config))
+        if failed:
+            summary["failed_steps"] = list(failed)
         atomic_write_json(run_dir / "summary.json", summary)
     if logger is not None:
-        logger.finish(summary)
+        attempt("logging the summary", lambda: logger.finish(summary))
+    if failed:
+        raise IncompleteRunError(summary, failed)
     return summary
