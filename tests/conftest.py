@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 
 import pytest
 import torch
@@ -59,3 +61,46 @@ def run_cfg(tmp_path):
         return cfg
 
     return compose
+
+
+class Processes:
+    """Starts a test's subprocesses each in its own process group and kills every group when the test ends, passed,
+    failed or timed out: a CLI run's children (DDP ranks, sweep jobs, wandb services) go with it, where
+    ``subprocess.run(timeout=...)`` would kill only the direct child and leave the ranks running."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], **kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen(args, start_new_session=True, **kwargs)
+        self.started.append(proc)
+        return proc
+
+    def run(self, args: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+        """Like ``subprocess.run(args, capture_output=True, text=True, timeout=timeout)``, group killed after."""
+        proc = self.start(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            self.kill(proc)
+        return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+    @staticmethod
+    def kill(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group outlives its leader while any child is left
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def kill_all(self) -> None:
+        for proc in self.started:
+            self.kill(proc)
+
+
+@pytest.fixture
+def processes():
+    """Start subprocesses through this (``processes.run`` / ``processes.start``); none survives the test."""
+    started = Processes()
+    yield started
+    started.kill_all()

@@ -81,9 +81,11 @@ def test_one_stage_is_the_plain_backbone_and_slimming_keeps_timm_features(make_v
 
 
 def test_tsm_scale_both_mlp_layers_and_the_rtsms_get_gradients(make_vit):
-    model = sit(make_vit(), stage_blocks=[1, 1, 1, 1]).train()
+    # float64: through three stacked TSMs of a random tiny model the last one's gradients are ~1e-18, which float32
+    # can round to exactly 0 for some seeds; the test is about which parameters the losses reach, not their size.
+    model = sit(make_vit(), stage_blocks=[1, 1, 1, 1]).double().train()
     teacher = freeze(model.build_teacher())
-    _, terms = model.losses(torch.randn(4, 3, 32, 32), torch.arange(4), F.cross_entropy, teacher)
+    _, terms = model.losses(torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.arange(4), F.cross_entropy, teacher)
     assert set(terms) == {"ce", "token_mse", "kl"}
     sum(terms.values()).backward()
     assert len(model.tsms) == 3 and len(model.rtsms) == 4

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -54,9 +53,10 @@ def test_deit_small_has_22m_params():
     assert count_params(vit) / 1e6 == pytest.approx(22.05, abs=0.01)
 
 
-def test_tokred_flops_prints_a_json_last_line():
-    out = subprocess.run([sys.executable, "-m", "tokred.cli.flops", "backbone=deit_tiny_cpu"], capture_output=True,
-                         text=True, check=True).stdout
+def test_tokred_flops_prints_a_json_last_line(processes):
+    done = processes.run([sys.executable, "-m", "tokred.cli.flops", "backbone=deit_tiny_cpu"], timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
     row = json.loads(out.strip().splitlines()[-1])
     assert {"gmacs_analytic", "gmacs_counted", "params_m", "tokens_per_block"} <= set(row)
     assert row["tokens_per_block"] == [65] * 12
@@ -75,8 +75,8 @@ def test_unknown_group_choice_is_one_line_naming_the_choices(override, names):
     assert "\n" not in message and all(n in message for n in names)
 
 
-def test_cli_rejects_unknown_choice_with_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "tokred.cli.train", "reducer=bogus"], capture_output=True, text=True)
+def test_cli_rejects_unknown_choice_with_exit_2(processes):
+    proc = processes.run([sys.executable, "-m", "tokred.cli.train", "reducer=bogus"], timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "choose one of" in proc.stderr
 

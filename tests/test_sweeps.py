@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, Processes
 from hydra import compose, initialize_config_dir
 
 from tokred.config import MAX_DIRNAME, compose_config, conf_dir, group_choices, job_dirname
@@ -53,14 +52,15 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def multirun(root: Path, *args: str, wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
+def multirun(processes: Processes, root: Path, *args: str,
+             wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
     """``tokred-train -m <args>`` with outputs under ``root`` and one torch thread per process."""
     env = {**os.environ, "TOKRED_ROOT": str(root), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     command = [*TRAIN, "-m", *args]
     if not wait:
-        return subprocess.Popen(command, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=180)
+        return processes.start(command, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    done = processes.run(command, timeout=180, env=env, cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -101,11 +101,11 @@ def test_sweep_preset_is_multirun_ready(preset):
             assert set(values.split(",")) <= set(group_choices(key)), (key, values)
 
 
-def test_submitit_local_sweep_then_relaunch_runs_nothing(tmp_path):
+def test_submitit_local_sweep_then_relaunch_runs_nothing(tmp_path, processes):
     """Two jobs through submitit's local executor; the same sweep re-launched (launcher choice does not enter the
     job directories) finds both finished and returns their stored summaries without training."""
     sweep = ["sweep_name=pair", *JOB, "reducer=evo_vit", "reducer.keep_ratio=0.5,0.75"]
-    multirun(tmp_path, *sweep, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+    multirun(processes, tmp_path, *sweep, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
              "hydra.launcher.cpus_per_task=1")
     sweep_dir = tmp_path / "multirun" / "pair"
     first = summaries(sweep_dir)
@@ -116,48 +116,47 @@ def test_submitit_local_sweep_then_relaunch_runs_nothing(tmp_path):
               if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"}
     assert any(p.suffix == ".ckpt" for p in stamps)
 
-    again = multirun(tmp_path, *sweep)
+    again = multirun(processes, tmp_path, *sweep)
     assert again.stdout.count("run finished earlier, nothing to do") + again.stderr.count(
         "run finished earlier, nothing to do") == 2
     assert summaries(sweep_dir) == first
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # no checkpoint, log or export rewritten
 
 
-def test_job_directories_stay_one_short_path_component_with_path_values_and_long_overrides(tmp_path):
+def test_job_directories_stay_one_short_path_component_with_path_values_and_long_overrides(tmp_path, processes):
     sweep = ["sweep_name=paths", *JOB, "paths.data_dir=/data/imagenet,/data/" + "x" * 300]
-    multirun(tmp_path, *sweep)
+    multirun(processes, tmp_path, *sweep)
     sweep_dir = tmp_path / "multirun" / "paths"
     jobs = sorted(summaries(sweep_dir))
     assert len(jobs) == 2 and all(len(name.encode()) <= MAX_DIRNAME for name in jobs), jobs
     assert any("paths.data_dir=_data_imagenet" in name for name in jobs)
     assert job_dirname("a=" + "x" * 300) != job_dirname("a=" + "x" * 299 + "y")  # hashed, so still unique
-    again = multirun(tmp_path, *sweep)  # the same names on a re-launch: both jobs are found finished
+    again = multirun(processes, tmp_path, *sweep)  # the same names on a re-launch: both jobs are found finished
     assert (again.stdout + again.stderr).count("run finished earlier, nothing to do") == 2
 
 
-def test_interrupted_job_resumes(tmp_path):
+def test_interrupted_job_resumes(tmp_path, processes):
     """A job killed after its first checkpoint continues from it when the sweep is re-launched."""
     sweep = ["sweep_name=killed", *JOB, "trainer.limit_train_batches=null", "trainer.max_epochs=2",
              "dataset.train_size=64", "checkpoint.every_n_train_steps=1"]
-    running = multirun(tmp_path, *sweep, wait=False)
+    running = multirun(processes, tmp_path, *sweep, wait=False)
     sweep_dir = tmp_path / "multirun" / "killed"
     deadline = time.monotonic() + 120
     while not list(sweep_dir.glob("*/checkpoints/*/last.ckpt")) and running.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint written"
         time.sleep(0.05)
-    os.killpg(running.pid, signal.SIGKILL)
-    running.wait()
+    processes.kill(running)
     interrupted = next(sweep_dir.glob("*/checkpoints/*/last.ckpt")).parents[2]
     assert not (interrupted / "summary.json").is_file(), "the job finished before the kill; the test needs it cut"
 
-    again = multirun(tmp_path, *sweep)
+    again = multirun(processes, tmp_path, *sweep)
     assert "resumes from " + str(interrupted) in again.stdout + again.stderr
     assert [p for p in sweep_dir.iterdir() if p.is_dir()] == [interrupted]  # no second directory for the job
     assert json.loads((interrupted / "summary.json").read_text())["global_step"] == 2 * 64 // 8
 
 
-def test_optuna_multi_objective_sweep_writes_pareto_front(tmp_path):
-    multirun(tmp_path, "sweep_name=opt", *JOB, "reducer=evo_vit", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+def test_optuna_multi_objective_sweep_writes_pareto_front(tmp_path, processes):
+    multirun(processes, tmp_path, "sweep_name=opt", *JOB, "reducer=evo_vit", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
              "reducer.keep_ratio=interval(0.3,0.9)")
     sweep_dir = tmp_path / "multirun" / "opt"
     pareto = json.loads((sweep_dir / "pareto.json").read_text())
@@ -175,10 +174,10 @@ def test_optuna_multi_objective_sweep_writes_pareto_front(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_jobs_of_a_serial_sweep_each_write_one_directory(tmp_path):
+def test_ddp_jobs_of_a_serial_sweep_each_write_one_directory(tmp_path, processes):
     """Two 2-process DDP jobs one after the other in one sweep process: each job's ranks train that job (not the
     sweep again), into its directory alone, and the second job is not confused by the first one's process group."""
-    multirun(tmp_path, "sweep_name=ddp", *JOB, "trainer=ddp_cpu", "seed=1,2")
+    multirun(processes, tmp_path, "sweep_name=ddp", *JOB, "trainer=ddp_cpu", "seed=1,2")
     done = summaries(tmp_path / "multirun" / "ddp")
     # JOB's 16 training images over 2 ranks of batch 8: one optimizer step per job.
     assert len(done) == 2 and all(s["global_step"] == 1 for s in done.values())

@@ -249,6 +249,40 @@ def test_non_finite_weights_never_replace_a_checkpoint(run_cfg, monkeypatch):
     assert saved["global_step"] == 1 and torch.isfinite(saved["state_dict"]["model.vit.head.weight"]).all()
 
 
+# ------------------------------------------------------------------------------------------------ after training
+def _fail(*args, **kwargs):
+    raise RuntimeError("simulated failure")
+
+
+@pytest.mark.parametrize("broken, step, kept", [
+    ("tokred.training.run.counted_gmacs", "counting FLOPs", "export/model.safetensors"),
+    ("tokred.training.run.save_deployable", "the export", "phases/train.pt"),
+    ("tokred.visualize.TokenMapCallback.draw", "drawing token maps", "export/model.safetensors"),
+])
+def test_a_failing_post_training_step_keeps_the_run_and_names_the_redo(broken, step, kept, tmp_path, capsys,
+                                                                       monkeypatch):
+    args = [*FAST, f"paths.root={tmp_path}", "trainer.max_epochs=1", "visualize.every_n_epochs=1"]
+    with monkeypatch.context() as patch:
+        patch.setattr(broken, _fail)
+        code, out, err = run_cli(train_cli.main, capsys, *args)
+    (run_dir,) = (tmp_path / "outputs/none/deit_tiny_cpu").iterdir()
+    assert code == 1
+    (line,) = err.strip().splitlines()[-1:]
+    assert line.startswith("tokred-train: error: training finished, but") and step in line
+    assert f"ckpt_path={run_dir}" in line and "val top-1" in out, "what was computed is still reported"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["val/acc1"] is not None and (run_dir / kept).is_file()
+    assert any(step in failure for failure in summary["failed_steps"])
+
+    # The redo route the message names: no training again, the missing steps done, a complete record.
+    code, out, err = run_cli(train_cli.main, capsys, *args, f"ckpt_path={run_dir}")
+    assert code == 0, err
+    redone = json.loads((run_dir / "summary.json").read_text())
+    assert "failed_steps" not in redone and redone["global_step"] == 2
+    assert redone["model/gmacs_counted"] == pytest.approx(redone["model/gmacs"], rel=0.02)
+    assert (run_dir / "export/model.safetensors").is_file()
+
+
 # ------------------------------------------------------------------------------------------------ CLI: wandb + resume
 def _wandb_records(path: Path):
     """Records of a wandb transaction log (``run-<id>.wandb``): the LevelDB-style log wandb writes offline."""
@@ -290,39 +324,30 @@ def wandb_offline_run(path: Path) -> tuple[dict, dict, list[str], str]:
     return summary, config, tags, group
 
 
-def test_a_killed_run_resumes_with_ckpt_path_last_into_the_same_wandb_run(tmp_path):
+def test_a_killed_run_resumes_with_ckpt_path_last_into_the_same_wandb_run(tmp_path, processes):
     # A wandb service inherited from a parent process (WANDB_SERVICE) must not be shared: a run killed while attached
     # to it would keep its id busy and the resume would fail with "run ID ... is in use". The parent is a separate
     # process that holds its service for the whole test, so the case does not depend on this process's wandb state.
-    parent = subprocess.Popen(
+    parent = processes.start(
         [sys.executable, "-c", "import os, sys, wandb; wandb.init(project='parent', mode='offline', dir=sys.argv[1]); "
          "print(os.environ['WANDB_SERVICE'], flush=True); sys.stdin.read()", str(tmp_path)],
         env={k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     args = [sys.executable, "-m", "tokred.cli.train", *FAST_DATA, NO_MAPS, "logger=wandb", f"paths.root={tmp_path}",
             "trainer.limit_train_batches=4", "trainer.max_epochs=3", "checkpoint.every_n_train_steps=1"]
     runs = tmp_path / "outputs/none/deit_tiny_cpu"
-    try:
-        env = dict(os.environ, WANDB_SERVICE=parent.stdout.readline().strip())
-        assert env["WANDB_SERVICE"], "the parent process started no wandb service"
-        first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 start_new_session=True)
-        try:
-            deadline = time.time() + 240
-            while (not list(runs.glob("*/checkpoints/train/last.ckpt")) and first.poll() is None
-                   and time.time() < deadline):
-                time.sleep(0.05)
-            assert first.poll() is None, f"the first run ended early: {first.stderr.read()[-2000:]}"
-        finally:
-            if first.poll() is None:
-                os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-        (run_dir,) = runs.iterdir()
-        assert not (run_dir / "summary.json").exists(), "the first run was killed before it finished"
-        second = subprocess.run([*args, "ckpt_path=last"], env=env, capture_output=True, text=True, timeout=300)
-    finally:
-        os.killpg(parent.pid, signal.SIGKILL)
-        parent.wait()
+    env = dict(os.environ, WANDB_SERVICE=parent.stdout.readline().strip())
+    assert env["WANDB_SERVICE"], "the parent process started no wandb service"
+    first = processes.start(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not list(runs.glob("*/checkpoints/train/last.ckpt")) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, f"the first run ended early: {first.stderr.read()[-2000:]}"
+    processes.kill(first)
+    (run_dir,) = runs.iterdir()
+    assert not (run_dir / "summary.json").exists(), "the first run was killed before it finished"
+    second = processes.run([*args, "ckpt_path=last"], timeout=300, env=env)
+    processes.kill(parent)
     assert second.returncode == 0, second.stderr[-2000:]
     assert list(runs.iterdir()) == [run_dir], "the resumed run continues in the killed run's directory"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -358,12 +383,10 @@ def _evaluate_export(run_dir: Path) -> tuple[float, float]:
     return (logits.argmax(1) == labels).float().mean().item(), F.cross_entropy(logits, labels).item()
 
 
-def test_ddp_on_two_cpu_processes_syncs_metrics_and_writes_one_run(tmp_path):
-    proc = subprocess.run(
+def test_ddp_on_two_cpu_processes_syncs_metrics_and_writes_one_run(tmp_path, processes):
+    proc = processes.run(
         [sys.executable, "-m", "tokred.cli.train", *FAST, NO_MAPS, "trainer=ddp_cpu", f"paths.root={tmp_path}",
-         "trainer.max_epochs=1"],
-        capture_output=True, text=True, timeout=400,
-    )
+         "trainer.max_epochs=1"], timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs/none/deit_tiny_cpu").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
