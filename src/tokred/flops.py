@@ -98,20 +98,22 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def register_cpu_attention_formula() -> None:
-    """Teach torch's FLOP counter the CPU fused-attention kernel, through its public registration API.
+def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
-    ``FlopCounterMode`` knows the CUDA SDPA kernels but not ``_scaled_dot_product_flash_attention_for_cpu`` (checked
-    up to torch 2.14), so every fused attention on a CPU would count 0. Registered once, with our own unwrapped
-    formula: torch's ``sdpa_flop`` is already wrapped for its registry and must not be handed to it again.
+
+def cpu_attention_formulas() -> dict:
+    """FLOP formulas ``FlopCounterMode`` lacks: the CPU fused-attention kernel, which it counts as 0 (up to at least
+    torch 2.14), so every attention on a CPU would be missing from the count.
+
+    Handed over as ``custom_mapping``, FlopCounterMode's public way to add formulas, as *our own raw* formula
+    (torch wraps it once; its ``sdpa_flop`` is already wrapped, and handing that over crashed torch 2.14). Not through
+    ``register_flop_formula``: on torch 2.4 that stores the formula under keys the counter never looks up.
     """
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is None or op in flop_counter.flop_registry:
-        return
-
-    @flop_counter.register_flop_formula(op)
-    def cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+        return {}
+    return {op: _cpu_flash_attention_flop}
 
 
 @torch.no_grad()
@@ -122,8 +124,7 @@ def counted_gmacs(model: nn.Module, img_size: int, in_chans: int = 3, batch_size
     try:
         param = next(model.parameters())
         x = torch.randn(batch_size, in_chans, img_size, img_size, device=param.device, dtype=param.dtype)
-        register_cpu_attention_formula()
-        counter = flop_counter.FlopCounterMode(display=False)
+        counter = flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention_formulas())
         with counter:
             model(x)
         return counter.get_total_flops() / 2 / batch_size / 1e9
