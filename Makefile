@@ -5,26 +5,51 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+# The locked set (what `make train` / `make test` install) and the oldest supported one (pyproject's lower bounds).
+LOCK := requirements/lock.txt
+OLDEST := requirements/oldest.txt
+OLD_VENV := .venv-oldest
+# The oldest Python pyproject.toml admits, where this machine has it.
+OLDEST_PYTHON ?= $(shell command -v python3.10 || echo $(PYTHON))
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test flops benchmark compare report sweep clean
+.PHONY: help install lock train test test-oldest flops benchmark compare report sweep clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -c $(LOCK) -e ".[dev]"
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install tokred with its test tools
+install: $(STAMP) ## create .venv and install tokred with its test tools, at the locked versions
+
+lock: ## re-resolve requirements/lock.txt: the newest releases pyproject.toml allows (then run make test)
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip
+	.venv-lock/bin/pip install -q ".[dev]"
+	{ echo "# make lock: the versions make install uses ($$(.venv-lock/bin/python -V), $$(uname -m)); re-resolve with make lock"; \
+	  .venv-lock/bin/pip freeze --exclude tokred; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .venv-lock
+
+$(OLD_VENV)/.installed: pyproject.toml $(OLDEST)
+	@test -d $(OLD_VENV) || $(OLDEST_PYTHON) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/pip install -q --upgrade pip
+	$(OLD_VENV)/bin/pip install -q -c $(OLDEST) -e ".[dev]"
+	@touch $@
 
 train: $(STAMP) ## train the default experiment (deit_tiny_cpu on the built-in dataset); ARGS="..." adds overrides
 	$(BIN)/tokred-train $(ARGS)
 
-test: $(STAMP) ## run the test suite
+test: $(STAMP) ## run the test suite (locked versions)
 	$(BIN)/pytest -n 2 --dist loadfile $(ARGS)
+
+test-oldest: $(OLD_VENV)/.installed ## the smoke tests (every reducer end to end) on the oldest supported versions
+	$(OLD_VENV)/bin/pytest -n 2 --dist loadfile -m smoke $(ARGS)
 
 flops: $(STAMP) ## analytic and counted GMACs: make flops ARGS="backbone=deit_small reducer=none"
 	$(BIN)/tokred-flops $(ARGS)
@@ -42,5 +67,5 @@ RUNS ?= multirun/compare
 report: $(STAMP) ## table and Pareto plots of the training runs under RUNS (default multirun/compare)
 	$(BIN)/tokred-report $(RUNS) $(ARGS)
 
-clean: ## remove run outputs (keeps .venv)
+clean: ## remove run outputs (keeps the virtual environments)
 	rm -rf outputs multirun .pytest_cache

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, Processes
+from conftest import FAST, TINY_REDUCER, Processes
 from hydra import compose, initialize_config_dir
 
 from tokred.config import MAX_DIRNAME, compose_config, conf_dir, group_choices, job_dirname
@@ -28,14 +28,6 @@ TINY = ["backbone=deit_tiny_cpu", "dataset=synthetic", "trainer=cpu", "trainer.d
         "trainer.precision=32-true", "trainer.fast_dev_run=true", "backbone.pretrained=false",
         "dataset.train_size=32", "dataset.val_size=16", "dataset.batch_size=16", "dataset.num_workers=0",
         "logger=csv"]
-# The reducers' own searches are not Lightning fits (fast_dev_run does not shorten them), and paper GMACs targets
-# are out of reach of the tiny backbone: scaled down the way conf/compare.yaml scales them.
-TINY_REDUCER = {
-    "patch_slimming": ["reducer.target_gmacs=null", "reducer.score_images=16", "reducer.cache_images=32",
-                       "reducer.holdout_images=16", "reducer.block_epochs=1", "reducer.bisect_searches=1",
-                       "reducer.group_size=32", "reducer.epsilon=0.5"],
-    "vit_slim": ["reducer.search_epochs=1"],
-}
 # A multirun job of 2 steps of 8 images: trains in about a second.
 JOB = ["dataset.train_size=16", "dataset.val_size=8", "dataset.batch_size=8", "dataset.num_workers=0",
        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "logger=csv"]

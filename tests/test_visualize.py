@@ -159,7 +159,8 @@ def test_cli_draws_an_export_and_a_lightning_checkpoint_side_by_side(evo_run, tm
     written = [Path(line) for line in stdout.split()]
     assert [p.name for p in written] == ["evo_vit-1.png", "evo_vit-2.png", "comparison.png"]
     assert png_size(written[0]) == (4 * ROW_PX, 3 * ROW_PX)  # input + 3 blocks, one row per image
-    assert png_size(written[2])[0] == int(1.9 * 120) * 3  # input + the two models
+    # input + the two models; matplotlib releases round the figure's pixel width differently by one
+    assert png_size(written[2])[0] == pytest.approx(int(1.9 * 120) * 3, abs=1)
 
 
 def test_cli_reads_a_directory_of_images(evo_run, tmp_path, capsys):
