@@ -46,6 +46,17 @@ def test_cpu_fused_attention_is_counted_once_with_the_standard_formula():
     assert counter.get_total_flops() == 2 * 2 * 3 * 5 * 7 * (8 + 4)
 
 
+def test_block_cost_charges_the_mlp_on_the_tokens_it_sees():
+    # A block that reduces between attention and MLP (ToMe, Top-K, EViT): 10 tokens attend, 6 go through the MLP.
+    from tokred.flops import BlockCost
+
+    d, hidden = 8, 32
+    attention = 10 * d * 3 * d + 10 * 10 * 2 * d + 10 * d * d  # qkv, the two matmuls, proj
+    block = BlockCost(10, 10, d, d, d, hidden, n_mlp=6)
+    assert block.macs() == attention + 2 * 6 * d * hidden
+    assert BlockCost.dense(10, d, hidden).macs() == attention + 2 * 10 * d * hidden
+
+
 def test_deit_small_has_22m_params():
     vit = create_backbone(compose_config(["backbone=deit_small"], "flops").backbone, 1000)
     assert count_params(vit) / 1e6 == pytest.approx(22.05, abs=0.01)

@@ -27,7 +27,8 @@ class BlockCost:
     """What one transformer block computes, in the terms the cost model needs.
 
     ``n_q`` tokens get an output (queries, output projection, MLP); keys and values span ``n_kv`` tokens. Widths are
-    totals over heads, so a ViT-Slim block with uneven heads is described by its summed q/k and v widths.
+    totals over heads, so a ViT-Slim block with uneven heads is described by its summed q/k and v widths. Methods
+    that reduce *between* attention and MLP (ToMe, Top-K, EViT, ATS) set ``n_mlp``: the tokens the MLP sees.
     """
 
     n_q: int
@@ -37,6 +38,7 @@ class BlockCost:
     v_dim: int
     mlp_hidden: int
     extra_macs: int = 0  # reducer-specific work attached to this block (a TSM after it, a class-attention row)
+    n_mlp: int | None = None  # None: the MLP runs on the n_q attention outputs
 
     @classmethod
     def dense(cls, n_tokens: int, embed_dim: int, mlp_hidden: int, extra_macs: int = 0) -> "BlockCost":
@@ -47,7 +49,7 @@ class BlockCost:
         qkv = self.n_q * d * self.qk_dim + self.n_kv * d * (self.qk_dim + self.v_dim)
         attention = self.n_q * self.n_kv * (self.qk_dim + self.v_dim)
         proj = self.n_q * self.v_dim * d
-        mlp = 2 * self.n_q * d * self.mlp_hidden
+        mlp = 2 * (self.n_q if self.n_mlp is None else self.n_mlp) * d * self.mlp_hidden
         return qkv + attention + proj + mlp + self.extra_macs
 
 
