@@ -9,8 +9,9 @@ ARGS ?=
 LOCK := requirements/lock.txt
 OLDEST := requirements/oldest.txt
 OLD_VENV := .venv-oldest
-# The oldest Python pyproject.toml admits, where this machine has it.
-OLDEST_PYTHON ?= $(shell command -v python3.10 || echo $(PYTHON))
+# The oldest Python pyproject.toml admits, where this machine has one that runs (on PATH or kept by pyenv).
+OLDEST_PYTHON ?= $(firstword $(foreach py,python3.10 $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10),\
+	$(shell $(py) -c 'print("$(py)")' 2>/dev/null)) $(PYTHON))
 
 .DEFAULT_GOAL := help
 .PHONY: help install lock train test test-oldest flops benchmark compare report sweep clean
