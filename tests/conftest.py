@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -42,6 +43,21 @@ def tiny_vit(**kwargs) -> VisionTransformer:
     args = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
     torch.manual_seed(0)
     return VisionTransformer(**{**args, **kwargs}).eval()
+
+
+def run_cli(main, capsys, *args: str) -> tuple[int, str, str]:
+    """Run a console script's ``main`` in-process; returns (exit code, stdout, stderr)."""
+    sys_argv = sys.argv
+    sys.argv = ["tokred", *args]
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = sys_argv
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.fixture(autouse=True)

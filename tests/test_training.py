@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import timm
 from lightning.pytorch.utilities import rank_zero_only
-from conftest import FAST
+from conftest import FAST, run_cli
 
 from tokred import reducers
 from tokred.cli import eval as eval_cli
@@ -54,21 +54,6 @@ def trained_run(tmp_path_factory) -> tuple[Path, dict]:
     cfg = compose_config([*FAST, NO_MAPS, f"paths.root={root}"])
     cfg.paths.output_dir = str(root / "run")
     return root / "run", train(cfg)
-
-
-def run_cli(main, capsys, *args: str) -> tuple[int, str, str]:
-    """Run a console script's ``main`` in-process; returns (exit code, stdout, stderr)."""
-    sys_argv = sys.argv
-    sys.argv = ["tokred", *args]
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code
-    finally:
-        sys.argv = sys_argv
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

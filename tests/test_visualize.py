@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, run_cli
 from PIL import Image
-from test_training import run_cli
 
 from tokred.cli import visualize as visualize_cli
 from tokred.config import compose_config

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tokred.reducers import reducer_config
@@ -108,7 +112,36 @@ def runs_root(overrides: Sequence[str] = ()) -> Path:
     return Path(cfg.hydra.run.dir).parent
 
 
-def fail(program: str, err: BaseException, code: int = 2) -> NoReturn:
+def discard_refused_run() -> None:
+    """Remove what Hydra created for a run that was refused before it wrote anything: a fresh run directory holding
+    only Hydra's config copy and log file, or the ``.hydra/resume-*`` copy a refused resume added to an existing run.
+    Refused bad input must not leave empty run directories behind (or clutter a run it did not continue)."""
+    if not HydraConfig.initialized():
+        return
+    hydra = HydraConfig.get()
+    run_dir = Path(hydra.runtime.output_dir)
+    if not run_dir.is_dir():
+        return
+    if {p.name for p in run_dir.iterdir()} <= {".hydra", f"{hydra.job.name}.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif hydra.output_subdir and Path(hydra.output_subdir).name.startswith("resume-"):
+        shutil.rmtree(run_dir / hydra.output_subdir, ignore_errors=True)
+        log_file = run_dir / f"{hydra.job.name}.log"
+        if log_file.is_file() and not log_file.stat().st_size:  # created by this launch: a run's own log has lines
+            log_file.unlink()
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Keep Lightning's and wandb's per-fit notices (accelerator lines, sync hints) out of the output unless
+    ``verbose=true``: each phase prints about ten of them, and they hide tokred's own lines."""
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def fail(program: str, err: BaseException | str, code: int = 2) -> NoReturn:
     """Print ``<program>: error: <message>`` (one line) and exit; 2 for bad input, 1 for a failed run."""
     print(f"{program}: error: {err}", file=sys.stderr)
     sys.exit(code)

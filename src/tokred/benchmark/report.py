@@ -30,7 +30,7 @@ REQUIRED = ("backbone", "reducer", "model/gmacs", "val/acc1")
 COLUMNS = [
     "backbone", "dataset", "reducer", "point", "kind", "target_ratio", "params_m", "gmacs", "gmacs_counted",
     "gmacs_ratio", "top1", "top5", "pareto_gmacs", "throughput", "throughput_iqr_pct", "speedup", "latency_ms",
-    "peak_mem_mb", "pareto_throughput", "knobs", "run_dir", "machine", "device_name", "threads", "torch", "timm",
+    "peak_mem_mb", "pareto_throughput", "knobs", "degenerate", "run_dir", "machine", "device_name", "threads", "torch", "timm",
     "batch_size", "precision", "compile",
 ]
 
@@ -81,11 +81,20 @@ def _load(path: Path, runs_dir: Path) -> dict[str, Any]:
         "top1": round(100 * float(data["val/acc1"]), 2),
         "top5": None if acc5 is None else round(100 * float(acc5), 2),
         "knobs": json.dumps(knobs, default=str),
+        "degenerate": "; ".join(data.get("degenerate") or []),
         "run_dir": str(path.parent),  # where it is now; the summary's own run_dir may be another machine's path
     }
 
 
-def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
+def on_front(rows: Sequence[dict[str, Any]], x: str, higher_x_better: bool, include_degenerate: bool) -> set[int]:
+    """Indices of ``rows`` on the top-1 vs ``x`` Pareto front; degenerate runs (no patch tokens left, chance-level
+    top-1) only compete when ``include_degenerate``, as their low cost would otherwise win the front for nothing."""
+    candidates = [i for i, r in enumerate(rows) if include_degenerate or not r["degenerate"]]
+    front = pareto_front([rows[i][x] for i in candidates], [rows[i]["top1"] for i in candidates], higher_x_better)
+    return {candidates[i] for i in front}
+
+
+def load_runs(runs_dir: Path, include_degenerate: bool = False) -> list[dict[str, Any]]:
     """One row per ``summary.json`` under ``runs_dir`` (recursively), sorted by backbone, reducer and GMACs."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
@@ -100,7 +109,7 @@ def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
     for backbone in {r["backbone"] for r in rows}:
         sub = [r for r in rows if r["backbone"] == backbone]
         base = next((r for r in sub if r["reducer"] == "none"), None)
-        front = set(pareto_front([r["gmacs"] for r in sub], [r["top1"] for r in sub], higher_x_better=False))
+        front = on_front(sub, "gmacs", False, include_degenerate)
         for i, row in enumerate(sub):
             row["pareto_gmacs"] = i in front
             row["gmacs_ratio"] = round(base["gmacs"] / row["gmacs"], 4) if base else None
@@ -108,7 +117,7 @@ def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
 
 
 def measure_runs(rows: list[dict[str, Any]], settings: SpeedSettings,
-                 progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+                 progress: Callable[[int], Any] | None = None, include_degenerate: bool = False) -> dict[str, Any]:
     """Time every run's exported model, interleaved per backbone; fills the speed columns and returns the machine."""
     device = setup(settings)
     machine = machine_info(device)
@@ -134,7 +143,7 @@ def measure_runs(rows: list[dict[str, Any]], settings: SpeedSettings,
                        speedup=round(speed.throughput / base.throughput, 4) if base else None,
                        **{k: machine[k] for k in ("machine", "device_name", "threads", "torch", "timm")},
                        batch_size=settings.batch_size, precision=settings.precision, compile=settings.compile)
-        front = set(pareto_front([r["throughput"] for r in sub], [r["top1"] for r in sub], higher_x_better=True))
+        front = on_front(sub, "throughput", True, include_degenerate)
         for i, row in enumerate(sub):
             row["pareto_throughput"] = i in front
     if bar is not None:
@@ -144,7 +153,7 @@ def measure_runs(rows: list[dict[str, Any]], settings: SpeedSettings,
 
 MD_COLUMNS: list[Column] = [
     ("reducer", lambda r: r["reducer"]),
-    ("point", lambda r: r["point"]),
+    ("point", lambda r: r["point"] + (f" ⚠ degenerate: {r['degenerate']}" if r["degenerate"] else "")),
     ("params (M)", lambda r: fmt(r["params_m"], ".2f")),
     ("GMACs", lambda r: fmt(r["gmacs"], ".4f")),
     ("GMACs ratio", lambda r: "–" if r["gmacs_ratio"] is None else f"{r['gmacs_ratio']:.2f}×"),
@@ -187,7 +196,8 @@ def write_report(rows: list[dict[str, Any]], runs_dir: Path, out: Path, name: st
         "",
         f"{len(rows)} runs under `{runs_dir}`. Top-1/top-5: validation accuracy measured by tokred-train on "
         f"{', '.join(datasets)} (not paper figures). GMACs: analytic, per image. ◆: on the Pareto front (top-1 vs "
-        f"GMACs, resp. vs throughput) of its backbone. {speed_line} Regenerate: `{command}`.",
+        f"GMACs, resp. vs throughput) of its backbone; ⚠ degenerate runs (no patch token left in some block, or chance-level "
+        f"top-1) are left off the front unless --include-degenerate. {speed_line} Regenerate: `{command}`.",
     ]
     for backbone in dict.fromkeys(r["backbone"] for r in rows):
         lines += ["", f"## {backbone}", "", md_table([r for r in rows if r["backbone"] == backbone], MD_COLUMNS)]
@@ -218,11 +228,11 @@ def log_report(rows: Sequence[dict[str, Any]], paths: ReportPaths, project: str,
 
 def make_report(runs_dir: Path, out_dir: Path, *, settings: SpeedSettings | None, machine_name: str | None = None,
                 name: str = "compare", wandb_project: str | None = None, command: str = "tokred-report",
-                progress: Callable[[int], Any] | None = None) -> ReportPaths:
+                progress: Callable[[int], Any] | None = None, include_degenerate: bool = False) -> ReportPaths:
     """The whole report: load the runs, time them (``settings=None``: don't), write the files, log to wandb if
     ``wandb_project`` is given. Files go to ``<out_dir>/<machine_name or the device's machine slug>/``."""
-    rows = load_runs(runs_dir)
-    machine = measure_runs(rows, settings, progress) if settings is not None else None
+    rows = load_runs(runs_dir, include_degenerate)
+    machine = measure_runs(rows, settings, progress, include_degenerate) if settings is not None else None
     slug = machine_name or (machine or machine_info(resolve_device("auto")))["machine"]
     paths = write_report(rows, runs_dir, Path(out_dir) / slug, name, machine, settings, command)
     if wandb_project:

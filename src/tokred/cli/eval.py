@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tokred.backbones import CheckpointError, create_backbone
 from tokred.cli.train import USER_ERRORS
-from tokred.config import check_group_overrides, conf_dir, fail
+from tokred.config import check_group_overrides, conf_dir, discard_refused_run, fail, quiet_libraries
 from tokred.data import build_datamodule
 from tokred.export import load_deployable
 from tokred.io import atomic_write_json
@@ -77,6 +77,7 @@ def _row(summary: dict[str, Any]) -> str:
 
 @hydra.main(config_path=str(conf_dir()), config_name="eval", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    quiet_libraries(bool(cfg.get("verbose", False)))
     try:
         model, meta = load_checkpoint(cfg.ckpt_path)
         with open_dict(cfg):
@@ -95,6 +96,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         metrics = evaluate(model, datamodule, cfg, out_dir, logger)
     except USER_ERRORS as err:
+        discard_refused_run()
         fail("tokred-eval", err)
     stats = model_stats(model, int(cfg.backbone.img_size))
     summary = {
@@ -108,6 +110,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if rank_zero_only.rank == 0:
         atomic_write_json(out_dir / "eval.json", summary)
         print(_row(summary))
+        print(f"wrote {out_dir / 'eval.json'}")
         print(json.dumps(summary), flush=True)
     return summary["val/acc1"]
 

@@ -29,6 +29,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--machine", help="results folder name (default: derived from the device)")
     p.add_argument("--name", default="compare", help="file stem of the outputs (default: %(default)s)")
     p.add_argument("--no-speed", action="store_true", help="do not time the exported models")
+    p.add_argument("--include-degenerate", action="store_true",
+                   help="let degenerate runs (no patch token left, chance-level top-1) onto the Pareto front")
     p.add_argument("--wandb", action="store_true", help="also log a wandb.Table and scatter plots")
     p.add_argument("--wandb-project", default="tokred")
     # The timing options are SpeedSettings' fields, so the report and the benchmark share one protocol.
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
             args.runs_dir, args.out_dir, settings=None if args.no_speed else SpeedSettings.from_mapping(vars(args)),
             machine_name=args.machine, name=args.name, wandb_project=args.wandb_project if args.wandb else None,
             command=shlex.join(["tokred-report", *argv]),
-            progress=lambda total: tqdm(total=total, desc="timing runs", unit="step", dynamic_ncols=True))
+            progress=lambda total: tqdm(total=total, desc="timing runs", unit="step", dynamic_ncols=True),
+            include_degenerate=args.include_degenerate)
     except ValueError as err:  # ReportError, bad timing options, an unloadable export (CheckpointError)
         fail("tokred-report", err)
     paths.show()

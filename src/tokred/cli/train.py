@@ -20,11 +20,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict, read_write
 
 from tokred.backbones import CheckpointError
-from tokred.config import ConfigError, check_group_overrides, conf_dir, fail, runs_root, validate
+from tokred.config import (
+    ConfigError, check_group_overrides, conf_dir, discard_refused_run, fail, quiet_libraries, runs_root, validate,
+)
 from tokred.data import DatasetError
 from tokred.training.loggers import own_wandb_service
 from tokred.training.module import NonFiniteLossError
-from tokred.training.phases import find_resume
+from tokred.training.phases import RunInterrupted, find_resume
 from tokred.training.run import IncompleteRunError, train
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, ValueError, FileNotFoundError)
@@ -76,11 +78,15 @@ def _multirun_job() -> Iterator[None]:
 
 @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
+    quiet_libraries(bool(cfg.get("verbose", False)))
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(int(cfg.threads))
     try:
         validate(cfg)
         with _multirun_job():
             summary = train(cfg)
     except USER_ERRORS as err:
+        discard_refused_run()
         fail("tokred-train", err)
     except NonFiniteLossError as err:
         fail("tokred-train", err, code=1)
@@ -88,6 +94,12 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
         if rank_zero_only.rank == 0:
             print(report(err.summary), flush=True)
         fail("tokred-train", err, code=1)
+    except RunInterrupted as err:
+        fail("tokred-train", f"interrupted by {err}; resume with: tokred-train <same overrides> "
+                             f"ckpt_path={cfg.paths.output_dir}", code=128 + err.signum)
+    except KeyboardInterrupt:
+        fail("tokred-train", "interrupted outside a fit (finished phases and search progress are kept); resume with: "
+                             f"tokred-train <same overrides> ckpt_path={cfg.paths.output_dir}", code=130)
     if rank_zero_only.rank == 0:
         print(report(summary), flush=True)
     # The whole summary is the job's return value: sweepers pick their objectives from it (the Optuna sweeper's

@@ -13,7 +13,10 @@ last one's model, and resumes an interrupted fit from that phase's ``last.ckpt``
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +24,13 @@ from typing import Any, Callable, Mapping
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
 
 from tokred.backbones import CheckpointError
 from tokred.config import ConfigError
 from tokred.data import ImageDataModule
-from tokred.io import atomic_write
+from tokred.io import atomic_write, atomic_write_json
 from tokred.reducers.base import Phase, TokenReducer
 from tokred.training.module import NonFiniteLossError
 
@@ -156,13 +159,72 @@ class _FiniteCheckpoint(ModelCheckpoint):
         super()._save_checkpoint(trainer, filepath)
 
 
-def checkpoint_callbacks(directory: Path, every_n_train_steps: int) -> list[ModelCheckpoint]:
+class RunInterrupted(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a fit after it saved a resumable ``last.ckpt``. A BaseException, like
+    KeyboardInterrupt, so nothing on the way out mistakes it for a failure to recover from."""
+
+    def __init__(self, signum: int, checkpoint: Path, step: int) -> None:
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: saved {checkpoint}")
+
+
+class InterruptCheckpoint(Callback):
+    """On the first SIGINT or SIGTERM (Ctrl-C; what SLURM sends before pre-emption or at the time limit) the fit
+    finishes its current step, writes ``last.ckpt`` atomically and raises :class:`RunInterrupted`; a second signal
+    exits at once. Every rank learns of the request in the same step, so DDP ranks stop together."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.requested = signum
+        log.warning("%s: saving a checkpoint after this step (press Ctrl-C again to exit at once)",
+                    signal.Signals(signum).name)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # After Lightning has installed its own handlers (fit start), so these take over for the fit.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+            for signum in self.SIGNALS:
+                signal.signal(signum, self._handle)
+
+    def _stop_if_requested(self, trainer: Any) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
+            trainer.save_checkpoint(self.path)
+            self._restore()
+            raise RunInterrupted(self.requested or signal.SIGTERM, self.path, trainer.global_step)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._stop_if_requested(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._stop_if_requested(trainer)
+        self._restore()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._restore()
+
+
+def checkpoint_callbacks(directory: Path, every_n_train_steps: int) -> list[Callback]:
     """``best.ckpt`` (highest val/acc1) and ``last.ckpt``, written every ``every_n_train_steps`` steps (so a kill
-    mid-epoch loses little) and after every validation (so each epoch's end state is kept)."""
+    mid-epoch loses little), after every validation (so each epoch's end state is kept) and on Ctrl-C / SIGTERM."""
     common = dict(dirpath=directory, auto_insert_metric_name=False, enable_version_counter=False)
-    callbacks = [
+    callbacks: list[Callback] = [
         _FiniteCheckpoint(filename="best", monitor="val/acc1", mode="max", save_top_k=1, **common),
         _FiniteCheckpoint(filename="last", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=False, **common),
+        InterruptCheckpoint(directory / "last.ckpt"),
     ]
     if every_n_train_steps > 0:
         callbacks.append(_FiniteCheckpoint(filename="last", save_top_k=1, every_n_train_steps=every_n_train_steps,
@@ -203,6 +265,48 @@ def check_compatible(saved: Mapping[str, Any], meta: Mapping[str, Any], path: Pa
             f"{meta['num_classes']} classes; resume with the dataset it was trained on, or fine-tune it as a new run: "
             f"backbone.checkpoint={path} backbone.reset_head=true"
         )
+
+
+# ------------------------------------------------------------------------------------------------ the run's config
+RUN_CONFIG = "run_config.json"
+# What may differ between a run and its resume: where things go and how they are logged, the hardware, and the
+# number of epochs (to extend a run). Anything else would make the run's record describe weights it did not train.
+MAY_CHANGE_ON_RESUME = ("ckpt_path", "paths", "logger", "checkpoint", "visualize", "sweep_name", "verbose", "threads",
+                        "trainer.max_epochs", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
+                        "trainer.strategy", "dataset.num_workers", "reducer.finetune_epochs",
+                        "reducer.retrain_epochs")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat |= _flatten(value, f"{prefix}{key}.") if isinstance(value, Mapping) and value else {
+            f"{prefix}{key}": value}
+    return flat
+
+
+def record_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Keep the config a run was started with (``run_config.json``); a resume is checked against it."""
+    atomic_write_json(run_dir / RUN_CONFIG, OmegaConf.to_container(cfg, resolve=True))
+
+
+def check_resumed_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse to continue ``run_dir`` with settings other than the ones it was started with (besides
+    :data:`MAY_CHANGE_ON_RESUME`): its summary and export would describe weights it did not train."""
+    stored = run_dir / RUN_CONFIG
+    if not stored.is_file():
+        return
+    was = _flatten(json.loads(stored.read_text()))
+    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    changed = sorted(key for key in was.keys() | now.keys() if was.get(key) != now.get(key)
+                     and not any(key == k or key.startswith(k + ".") for k in MAY_CHANGE_ON_RESUME))
+    if changed:
+        shown = ", ".join(f"{k}={json.dumps(was.get(k))} (now {json.dumps(now.get(k))})" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise ConfigError(f"{run_dir} was trained with {shown}{more}; resume it with those settings, or drop ckpt_path "
+                          f"to start a new run (on resume only {', '.join(MAY_CHANGE_ON_RESUME)} may change)")
 
 
 # ------------------------------------------------------------------------------------------------ resume targets

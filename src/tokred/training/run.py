@@ -33,8 +33,8 @@ from tokred.training.loggers import build_logger
 from tokred.training.module import NonFiniteLossError, TokredModule
 from tokred.training.optim import effective_lr
 from tokred.training.phases import (
-    AtomicCheckpointIO, PhaseContext, check_checkpoint, checkpoint_callbacks, checkpoint_dir, find_resume, progress,
-    save_phase, wait_for_phase,
+    RUN_CONFIG, AtomicCheckpointIO, PhaseContext, check_checkpoint, check_resumed_config, checkpoint_callbacks,
+    checkpoint_dir, find_resume, progress, record_config, save_phase, wait_for_phase,
 )
 from tokred.visualize import token_map_callbacks
 
@@ -177,6 +177,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     meta = model_meta(cfg, num_classes)
     state = progress(model, run_dir, meta)
     ckpt_phase = _phase_of(ckpt_file, resume_dir is not None, state.pending)
+    check_resumed_config(cfg, run_dir)  # after the checks above, whose messages name a more specific fix
+    if rank_zero_only.rank == 0 and not (run_dir / RUN_CONFIG).is_file():
+        record_config(cfg, run_dir)
     logger = build_logger(cfg.get("logger"), run_dir)
     stats = model_stats(model, int(cfg.backbone.img_size), counted=False)  # the counted figure comes with the summary
     log.info("model: %s + %s, %.3f GMACs, %.2f M params; run directory %s", cfg.backbone.model, cfg.reducer.name,
@@ -204,6 +207,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if logger is not None:
         logger.step_offset = state.step
     return finish(cfg, model, datamodule, run_dir, logger, state.step, state.metrics, token_maps)
+
+
+def degenerate(tokens_per_block: Sequence[int], num_prefix: int, acc1: float | None, num_classes: int,
+               num_val: int) -> list[str]:
+    """Why a result should not be read as a working model: a block left with no patch token at all, or a top-1 within
+    three standard errors of guessing (a chance-level classifier on ``num_val`` images). Empty when neither."""
+    reasons = []
+    empty = [i for i, n in enumerate(tokens_per_block) if n <= num_prefix]
+    if empty:
+        reasons.append(f"keeps no patch token from block {empty[0]} on")
+    chance = 1 / num_classes
+    if acc1 is not None and num_val and acc1 <= chance + 3 * (chance * (1 - chance) / num_val) ** 0.5:
+        reasons.append(f"top-1 {100 * acc1:.1f}% is chance level for {num_classes} classes")
+    return reasons
 
 
 class IncompleteRunError(RuntimeError):
@@ -247,7 +264,12 @@ def finish(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, ru
         "val/acc1_best": metrics.get("val/acc1_best"), "val/acc1_last_epoch": metrics.get("val/acc1"),
         "global_step": step, "run_dir": str(run_dir), "checkpoints": str(run_dir / "checkpoints"),
         "logs": logger.location() if logger is not None else "none (logger=null)",
+        "degenerate": degenerate(stats["model/tokens_per_block"], model.vit.num_prefix_tokens, final.get("val/acc1"),
+                                 datamodule.num_classes, len(datamodule.val_set)),
     }
+    if summary["degenerate"]:
+        log.warning("degenerate result: %s (tokred-report leaves it off the Pareto front)",
+                    "; ".join(summary["degenerate"]))
     if rank_zero_only.rank == 0:
         config = OmegaConf.to_container(cfg, resolve=True)
         attempt("the export", lambda: save_deployable(model, run_dir / "export", config))
