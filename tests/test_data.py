@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -115,6 +116,29 @@ def test_cifar_files_failing_the_checksums_name_the_fix(tmp_path):
     with pytest.raises(DatasetError) as err:
         dm.num_classes
     assert "\n" not in str(err.value) and "dataset.verify=false" in str(err.value)
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("verify", ["true", "false"])
+def test_a_cifar_batch_that_would_run_code_is_refused_unexecuted(verify, tmp_path):
+    root = write_cifar(tmp_path / "data")
+    marker = tmp_path / "pwned"
+    batch = root / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({"data": _RunsCode(marker), "labels": [0]}))
+    assert not marker.exists()
+    dm = build_datamodule(dataset_cfg("dataset=cifar10", f"dataset.root={root}", f"dataset.verify={verify}"))
+    with pytest.raises(DatasetError) as err:
+        dm.num_classes
+    assert not marker.exists(), "the pickle's code ran"
+    message = str(err.value)
+    assert "\n" not in message and ("posix.system" in message or "checksums" in message)
 
 
 # ------------------------------------------------------------------------------------------------ ImageFolder

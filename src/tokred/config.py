@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import difflib
+import errno
 import hashlib
 import logging
 import os
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Any, NoReturn, Sequence
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from tokred.reducers import reducer_config
 
@@ -97,11 +102,83 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
-def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-    """The config ``tokred-train <overrides>`` would run, without starting a run (tests, tokred-flops)."""
-    check_group_overrides(overrides)
+def _flat_keys(cfg: Any, prefix: str = "") -> list[str]:
+    if not isinstance(cfg, dict):
+        return [prefix[:-1]]
+    return [k for key, value in cfg.items() for k in _flat_keys(value, f"{prefix}{key}.")] or [prefix[:-1]]
+
+
+def _compose(overrides: Sequence[str], config_name: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)
+
+
+def _value_overrides(overrides: Sequence[str]) -> list[tuple[str, str]]:
+    """(key, override) of the ``key=value`` overrides that set a value rather than choose a config group."""
+    pairs = []
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if "=" in override and key not in GROUPS and not key.startswith("hydra"):
+            pairs.append((key, override))
+    return pairs
+
+
+def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """The config ``tokred-<command> <overrides>`` would run, without starting it (the CLIs' up-front check, tests).
+
+    Hydra's and OmegaConf's multi-line errors (an unknown key, bad override syntax) become one-line ConfigErrors
+    naming the closest valid keys, and a value of the wrong type for any key (``trainer.max_epochs=abc``) is refused
+    naming the key, before anything runs.
+    """
+    check_group_overrides(overrides)
+    values = _value_overrides(overrides)
+    try:
+        cfg = _compose(overrides, config_name)
+    except (HydraException, OmegaConfBaseException) as err:
+        cause = err.__cause__ or err
+        key = getattr(cause, "full_key", None) or next((k for k, _ in values if f"'{k}'" in str(err)), None)
+        if key is None:
+            raise ConfigError(f"cannot read the overrides ({str(err).strip().splitlines()[0]}); write key=value, "
+                              "quoting values that hold spaces or brackets") from None
+        groups = [o for o in overrides if (o.lstrip("+~").split("=", 1)[0] in GROUPS)]
+        known = _flat_keys(OmegaConf.to_container(_compose(groups, config_name)))
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"{key!r} is not a setting of tokred-{config_name}; {hint}(+{key}=... adds a new key)"
+                          ) from None
+    typed = [(k, o) for k, o in values if isinstance(OmegaConf.select(cfg, k, throw_on_missing=False), str)]
+    if typed:  # only a string can be a wrong type here; compare with the value it replaces
+        defaults = _compose([o for o in overrides if o not in {o for _, o in typed}], config_name)
+        for key, _ in typed:
+            default = OmegaConf.select(defaults, key, throw_on_missing=False)
+            if isinstance(default, (int, float)):
+                value = OmegaConf.select(cfg, key)
+                kind = "a boolean" if isinstance(default, bool) else "a number"
+                raise ConfigError(f"{key}={value!r} must be {kind}, e.g. {key}={str(default).lower()}")
+    return cfg
+
+
+def check_overrides(args: Sequence[str], config_name: str) -> None:
+    """A command line's overrides compose (see :func:`compose_config`); sweeps (``-m``) are checked per job."""
+    if any(a in ("-m", "--multirun") for a in args):
+        check_group_overrides(args)
+        return
+    compose_config([a for a in args if not a.lstrip("+~").startswith("hydra")], config_name)
+
+
+def check_writable(directory: Path) -> None:
+    """Fail with the fix, before Hydra creates the run directory (with a traceback), where runs cannot be written:
+    a read-only file system, no permission, or a file in the way."""
+    directory = Path(directory).absolute()
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", str(existing))
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"cannot write runs under {directory}: {existing} is not writable ({err.strerror}); pass "
+                          "paths.root=<a writable directory> (or set TOKRED_ROOT)") from None
 
 
 def runs_root(overrides: Sequence[str] = ()) -> Path:
@@ -143,5 +220,6 @@ def quiet_libraries(verbose: bool) -> None:
 
 def fail(program: str, err: BaseException | str, code: int = 2) -> NoReturn:
     """Print ``<program>: error: <message>`` (one line) and exit; 2 for bad input, 1 for a failed run."""
-    print(f"{program}: error: {err}", file=sys.stderr)
+    message = str(err).strip()
+    print(f"{program}: error: {message.splitlines()[0] if message else type(err).__name__}", file=sys.stderr)
     sys.exit(code)

@@ -17,7 +17,9 @@ from typing import Any, Callable, Mapping, Sequence
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from tokred.benchmark.outputs import Column, fmt, md_table, scatter_plot, write_csv, write_json, write_text
+from tokred.benchmark.outputs import (
+    Column, fmt, md_table, merge_rows, scatter_plot, write_csv, write_json, write_text,
+)
 from tokred.benchmark.timing import SpeedSettings, machine_info, measure_speed, prepare, setup, steps_per_model
 from tokred.benchmark.wandb_log import log_rows
 from tokred.config import ConfigError, compose_config, group_choices, validate
@@ -186,7 +188,7 @@ COLUMNS = [
     "budget_error_pct", "params_m", "gmacs", "gmacs_counted", "gmacs_ratio", "throughput", "throughput_iqr_pct",
     "speedup", "speedup_per_gmacs_ratio", "slow", "latency_ms", "latency_speedup", "peak_mem_mb", "paper_gmacs",
     "paper_top1", "tokens_per_block", "knobs", "batch_size", "precision", "compile", "machine", "device",
-    "device_name", "threads", "torch", "timm", "cuda", "python", "error",
+    "device_name", "threads", "torch", "timm", "cuda", "python", "measured", "error",
 ]
 
 
@@ -217,6 +219,7 @@ MD_COLUMNS: list[Column] = [
     ("latency bs1 (ms)", lambda r: fmt(r["latency_ms"], ".1f")),
     ("peak mem (MB)", lambda r: fmt(r["peak_mem_mb"], ".0f")),
     ("paper top-1", lambda r: fmt(r["paper_top1"], ".1f")),
+    ("measured", lambda r: r.get("measured") or "–"),
 ]
 
 
@@ -255,12 +258,20 @@ def markdown(machine: dict[str, Any], settings: SpeedSettings, rows: list[dict[s
     return "\n".join(lines) + "\n"
 
 
+def row_key(row: dict[str, Any]) -> tuple:
+    """What a row measures: a re-measured row replaces the earlier row with this key, and only that one."""
+    return tuple(row.get(k) for k in ("machine", "backbone", "reducer", "point", "target_ratio", "batch_size",
+                                       "precision", "compile"))
+
+
 def write_results(cfg: DictConfig, machine: dict[str, Any], rows: list[dict[str, Any]],
                   failed: list[dict[str, Any]], command: str) -> list[Path]:
     """benchmark.{csv,json,md} and the plots under ``<out_dir>/<machine>/``; returns the paths written."""
     settings = SpeedSettings.from_mapping(cfg)
     out = Path(cfg.out_dir) / (cfg.machine or machine["machine"])
     paths = [out / "benchmark.csv", out / "benchmark.json", out / "benchmark.md"]
+    merged = merge_rows(paths[1], [*rows, *failed], row_key)
+    rows, failed = [r for r in merged if not r.get("error")], [r for r in merged if r.get("error")]
     write_csv(paths[0], [*rows, *failed], COLUMNS)
     write_json(paths[1], {"machine": machine, "settings": settings.as_dict(), "budgets": list(cfg.budgets),
                           "command": command, "rows": rows, "failed": failed})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -33,6 +35,21 @@ def write_json(path: Path, payload: Any) -> None:
 
 def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
+
+
+def merge_rows(path: Path, rows: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], tuple]
+               ) -> list[dict[str, Any]]:
+    """``rows`` (stamped ``measured`` now) plus the rows of the earlier results file ``path`` whose key they do not
+    re-measure: a run restricted to one reducer or one set of runs replaces its own rows only, never the rest."""
+    now = time.strftime("%Y-%m-%d %H:%M")
+    fresh = [{**row, "measured": now} for row in rows]
+    try:
+        earlier = json.loads(Path(path).read_text())
+        earlier = [*earlier.get("rows", []), *earlier.get("failed", [])]
+    except (OSError, ValueError, AttributeError):  # no earlier file, or not one of ours: nothing to keep
+        earlier = []
+    seen = {key(row) for row in fresh}
+    return [*fresh, *(row for row in earlier if isinstance(row, dict) and key(row) not in seen)]
 
 
 def fmt(value: Any, spec: str = ".3g") -> str:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from tokred.benchmark.outputs import (
-    Column, fmt, md_table, pareto_front, scatter_plot, write_csv, write_json, write_text,
+    Column, fmt, md_table, merge_rows, pareto_front, scatter_plot, write_csv, write_json, write_text,
 )
 from tokred.benchmark.timing import (
     SpeedSettings, machine_info, measure_speed, prepare, resolve_device, setup, steps_per_model,
@@ -30,7 +30,7 @@ REQUIRED = ("backbone", "reducer", "model/gmacs", "val/acc1")
 COLUMNS = [
     "backbone", "dataset", "reducer", "point", "kind", "target_ratio", "params_m", "gmacs", "gmacs_counted",
     "gmacs_ratio", "top1", "top5", "pareto_gmacs", "throughput", "throughput_iqr_pct", "speedup", "latency_ms",
-    "peak_mem_mb", "pareto_throughput", "knobs", "degenerate", "run_dir", "machine", "device_name", "threads", "torch", "timm",
+    "peak_mem_mb", "pareto_throughput", "knobs", "degenerate", "run_dir", "measured", "machine", "device_name", "threads", "torch", "timm",
     "batch_size", "precision", "compile",
 ]
 
@@ -89,7 +89,7 @@ def _load(path: Path, runs_dir: Path) -> dict[str, Any]:
 def on_front(rows: Sequence[dict[str, Any]], x: str, higher_x_better: bool, include_degenerate: bool) -> set[int]:
     """Indices of ``rows`` on the top-1 vs ``x`` Pareto front; degenerate runs (no patch tokens left, chance-level
     top-1) only compete when ``include_degenerate``, as their low cost would otherwise win the front for nothing."""
-    candidates = [i for i, r in enumerate(rows) if include_degenerate or not r["degenerate"]]
+    candidates = [i for i, r in enumerate(rows) if include_degenerate or not r.get("degenerate")]
     front = pareto_front([rows[i][x] for i in candidates], [rows[i]["top1"] for i in candidates], higher_x_better)
     return {candidates[i] for i in front}
 
@@ -106,13 +106,7 @@ def load_runs(runs_dir: Path, include_degenerate: bool = False) -> list[dict[str
                           "<run_dir>/summary.json: run `make compare` or tokred-train first, or pass their directory")
     rows = [_load(p, runs_dir) for p in paths]
     rows.sort(key=lambda r: (r["backbone"], r["reducer"] != "none", r["reducer"], -r["gmacs"]))
-    for backbone in {r["backbone"] for r in rows}:
-        sub = [r for r in rows if r["backbone"] == backbone]
-        base = next((r for r in sub if r["reducer"] == "none"), None)
-        front = on_front(sub, "gmacs", False, include_degenerate)
-        for i, row in enumerate(sub):
-            row["pareto_gmacs"] = i in front
-            row["gmacs_ratio"] = round(base["gmacs"] / row["gmacs"], 4) if base else None
+    mark_fronts(rows, include_degenerate)
     return rows
 
 
@@ -143,9 +137,7 @@ def measure_runs(rows: list[dict[str, Any]], settings: SpeedSettings,
                        speedup=round(speed.throughput / base.throughput, 4) if base else None,
                        **{k: machine[k] for k in ("machine", "device_name", "threads", "torch", "timm")},
                        batch_size=settings.batch_size, precision=settings.precision, compile=settings.compile)
-        front = on_front(sub, "throughput", True, include_degenerate)
-        for i, row in enumerate(sub):
-            row["pareto_throughput"] = i in front
+    mark_fronts(rows, include_degenerate)
     if bar is not None:
         bar.close()
     return machine
@@ -180,9 +172,26 @@ class ReportPaths:
         print("wrote " + ", ".join(str(p) for p in [self.csv, self.json, self.md, *self.plots]))
 
 
+def mark_fronts(rows: list[dict[str, Any]], include_degenerate: bool = False) -> None:
+    """Per backbone: GMACs ratio to its baseline and the top-1 vs GMACs / vs throughput Pareto fronts."""
+    for backbone in {r["backbone"] for r in rows}:
+        sub = [r for r in rows if r["backbone"] == backbone]
+        base = next((r for r in sub if r["reducer"] == "none"), None)
+        front = on_front(sub, "gmacs", False, include_degenerate)
+        timed = [r for r in sub if r.get("throughput") is not None]
+        fast = {id(timed[i]) for i in on_front(timed, "throughput", True, include_degenerate)}
+        for i, row in enumerate(sub):
+            row["gmacs_ratio"] = round(base["gmacs"] / row["gmacs"], 4) if base else None
+            row["pareto_gmacs"] = i in front
+            row["pareto_throughput"] = id(row) in fast
+
+
 def write_report(rows: list[dict[str, Any]], runs_dir: Path, out: Path, name: str, machine: dict[str, Any] | None,
-                 settings: SpeedSettings | None, command: str) -> ReportPaths:
-    """``<name>.{csv,json,md}`` and ``<name>_top1_vs_{gmacs,throughput}.png`` under ``out``."""
+                 settings: SpeedSettings | None, command: str, include_degenerate: bool = False) -> ReportPaths:
+    """``<name>.{csv,json,md}`` and ``<name>_top1_vs_{gmacs,throughput}.png`` under ``out``; runs already in an
+    earlier ``<name>.json`` there that this report does not cover are kept (by run directory)."""
+    rows = merge_rows(out / f"{name}.json", rows, key=lambda r: (r.get("run_dir"),))
+    mark_fronts(rows, include_degenerate)
     timed = machine is not None and settings is not None
     speed_line = (
         f"Throughput: exported models, batch {settings.batch_size}, {settings.precision}, median of "
@@ -234,7 +243,7 @@ def make_report(runs_dir: Path, out_dir: Path, *, settings: SpeedSettings | None
     rows = load_runs(runs_dir, include_degenerate)
     machine = measure_runs(rows, settings, progress, include_degenerate) if settings is not None else None
     slug = machine_name or (machine or machine_info(resolve_device("auto")))["machine"]
-    paths = write_report(rows, runs_dir, Path(out_dir) / slug, name, machine, settings, command)
+    paths = write_report(rows, runs_dir, Path(out_dir) / slug, name, machine, settings, command, include_degenerate)
     if wandb_project:
         print(f"wandb run: {log_report(rows, paths, wandb_project, f'{name}-{slug}', machine)}")
     return paths

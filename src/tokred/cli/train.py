@@ -6,6 +6,7 @@ User errors (bad config, missing or broken data, unusable checkpoints, a divergi
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -21,7 +22,8 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from tokred.backbones import CheckpointError
 from tokred.config import (
-    ConfigError, check_group_overrides, conf_dir, discard_refused_run, fail, quiet_libraries, runs_root, validate,
+    ConfigError, check_overrides, check_writable, conf_dir, discard_refused_run, fail, quiet_libraries, runs_root,
+    validate,
 )
 from tokred.data import DatasetError
 from tokred.training.loggers import own_wandb_service
@@ -30,6 +32,8 @@ from tokred.training.phases import RunInterrupted, find_resume
 from tokred.training.run import IncompleteRunError, train
 
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, ValueError, FileNotFoundError)
+# A full disk or quota, a file system gone read-only, lost permissions, a write torch could not finish (EIO).
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 def _percent(value: float | None) -> str:
@@ -94,6 +98,12 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
         if rank_zero_only.rank == 0:
             print(report(err.summary), flush=True)
         fail("tokred-train", err, code=1)
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        fail("tokred-train", f"cannot write {err.filename or 'a file'} ({err.strerror}); free space, or pass "
+                             f"paths.root=<another disk>; what was written before is intact (resume with "
+                             f"ckpt_path={cfg.paths.output_dir})")
     except RunInterrupted as err:
         fail("tokred-train", f"interrupted by {err}; resume with: tokred-train <same overrides> "
                              f"ckpt_path={cfg.paths.output_dir}", code=128 + err.signum)
@@ -139,7 +149,9 @@ def launch_overrides(args: list[str]) -> list[str]:
 def main() -> None:
     own_wandb_service()
     try:
-        check_group_overrides(sys.argv[1:])
+        check_overrides(sys.argv[1:], "train")
+        if not any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+            check_writable(runs_root(sys.argv[1:]))
         sys.argv[1:] = launch_overrides(sys.argv[1:])
     except USER_ERRORS as err:
         fail("tokred-train", err)

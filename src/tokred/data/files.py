@@ -1,4 +1,5 @@
-"""Datasets read from local files: CIFAR-10/100 (torchvision's pickled batches) and ImageNet-style ImageFolders.
+"""Datasets read from local files: CIFAR-10/100 (torchvision's pickled batches, read by a restricted unpickler) and
+ImageNet-style ImageFolders.
 
 Nothing downloads unless ``dataset.download=true`` (CIFAR only). Every problem with the files on disk is reported as
 a one-line :class:`DatasetError` that says how to get or fix the data.
@@ -9,71 +10,98 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+import numpy as np
 
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tokred.data.errors import DatasetError
 from tokred.data.transforms import eval_transform, train_transform
 
 
-class _PresenceChecked:
-    """torchvision's CIFAR with file-presence checks instead of MD5s (``dataset.verify=false``): for re-packed
-    copies and for test fixtures, whose bytes cannot match the published checksums."""
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR's batch files hold: containers, strings, bytes, numbers and numpy arrays.
 
-    def _check_integrity(self) -> bool:
-        folder = Path(self.root) / self.base_folder
-        return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+    A pickle names the classes and functions it calls while loading, so a crafted batch file run through plain
+    ``pickle.load`` (torchvision's loader) executes code of its choosing; this one refuses every other name, whatever
+    ``dataset.verify`` says (the checksums only hold for the published archive).
+    """
 
-    def _load_meta(self) -> None:
-        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
 
-
-class _UnverifiedCIFAR10(_PresenceChecked, CIFAR10):
-    pass
-
-
-class _UnverifiedCIFAR100(_PresenceChecked, CIFAR100):
-    pass
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}, which a CIFAR batch never holds")
+        return super().find_class(module, name)
 
 
-CIFAR = {"cifar10": (CIFAR10, _UnverifiedCIFAR10, "CIFAR-10"), "cifar100": (CIFAR100, _UnverifiedCIFAR100, "CIFAR-100")}
+def _unpickle(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return SafeUnpickler(f, encoding="latin1").load()
+
+
+class CifarBatches(Dataset):
+    """CIFAR-10/100 from the python batch files (torchvision's layout), read through :class:`SafeUnpickler`."""
+
+    def __init__(self, folder: Path, files: list[str], meta: dict[str, str], label_key: str,
+                 transform: Callable | None) -> None:
+        batches = [_unpickle(folder / name) for name in files]
+        self.data = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        self.targets = [int(y) for b in batches for y in b[label_key]]
+        self.classes = list(_unpickle(folder / meta["filename"])[meta["key"]])
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = Image.fromarray(self.data[index])
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+
+# torchvision's classes supply the published layout, download address and checksums; they never read a batch here.
+CIFAR = {"cifar10": (CIFAR10, "labels", "CIFAR-10"), "cifar100": (CIFAR100, "fine_labels", "CIFAR-100")}
 
 
 def cifar(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset, int]:
-    verified, unverified, title = CIFAR[cfg["name"]]
-    cls = verified if cfg.get("verify", True) else unverified
+    spec, label_key, title = CIFAR[cfg["name"]]
     root = Path(cfg["root"]).expanduser()
-    folder = root / cls.base_folder
-    download = bool(cfg.get("download", False))
-    if not folder.is_dir() and not download:
+    folder = root / spec.base_folder
+    if not folder.is_dir() and not cfg.get("download", False):
         raise DatasetError(
             f"{title} not found: {folder} does not exist; download it once with dataset.download=true "
-            f"(~170 MB from {cls.url}) or set dataset.root to the directory that holds {cls.base_folder}/"
+            f"(~170 MB from {spec.url}) or set dataset.root to the directory that holds {spec.base_folder}/"
         )
     try:
-        train = cls(str(root), train=True, transform=train_transform(cfg), download=download)
-        val = cls(str(root), train=False, transform=eval_transform(cfg), download=False)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted", "metadata file ... corrupted"
-        raise DatasetError(
-            f"{title} under {folder} is incomplete or fails torchvision's checksums ({str(err).splitlines()[0]}); "
-            "delete the folder and re-download it with dataset.download=true, or set dataset.verify=false for a "
-            "re-packed copy"
-        ) from None
+        if not folder.is_dir():
+            download_and_extract_archive(spec.url, str(root), filename=spec.filename, md5=spec.tgz_md5)
+        files = spec.train_list + spec.test_list + [(spec.meta["filename"], spec.meta["md5"])]
+        check = check_integrity if cfg.get("verify", True) else (lambda path, md5: os.path.isfile(path))
+        bad = [name for name, md5 in files if not check(str(folder / name), md5)]
+        if bad:
+            raise DatasetError(
+                f"{title} under {folder} is incomplete or fails the published checksums ({', '.join(bad)}); delete "
+                "the folder and re-download it with dataset.download=true, or set dataset.verify=false for a "
+                "re-packed copy"
+            )
+        train = CifarBatches(folder, [n for n, _ in spec.train_list], spec.meta, label_key, train_transform(cfg))
+        val = CifarBatches(folder, [n for n, _ in spec.test_list], spec.meta, label_key, eval_transform(cfg))
     except OSError as err:  # a failed download (no network) or an unreadable batch file
         raise DatasetError(
-            f"cannot get {title} into {root} ({type(err).__name__}: {err}); download {cls.url} yourself and "
-            f"extract it there (it unpacks to {cls.base_folder}/)"
+            f"cannot get {title} into {root} ({type(err).__name__}: {err}); download {spec.url} yourself and "
+            f"extract it there (it unpacks to {spec.base_folder}/)"
         ) from None
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, AttributeError) as err:
         raise DatasetError(
-            f"{title} batch files under {folder} are damaged ({type(err).__name__}); delete the folder and "
-            "re-download it with dataset.download=true"
+            f"{title} batch files under {folder} are damaged or not CIFAR batches ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); delete the folder and re-download it with "
+            "dataset.download=true"
         ) from None
     return train, val, len(train.classes)
 

@@ -56,7 +56,8 @@ def reducer_config(cfg: Mapping[str, Any] | DictConfig) -> ReducerConfig:
         return OmegaConf.to_object(OmegaConf.merge(schema, plain))
     except OmegaConfBaseException as err:  # unknown knob or wrong type; omegaconf's message is multi-line
         first = str(err).strip().splitlines()[0]
-        raise ValueError(f"reducer={cls.name}: {first} (valid knobs: {', '.join(schema.keys())})") from None
+        knob = f"reducer.{err.full_key}: " if getattr(err, "full_key", None) else ""
+        raise ValueError(f"reducer={cls.name}: {knob}{first} (valid knobs: {', '.join(schema.keys())})") from None
     except ValueError as err:  # a range check in the reducer's Config.__post_init__
         raise ValueError(f"reducer={cls.name}: {err}") from None
 

@@ -237,8 +237,14 @@ class SiT(TokenReducer):
             # Smallest ratio that leaves the last stage one token; nudged up against floor() rounding below 1.
             lowest = self.vit.patch_embed.num_patches ** (-1 / (num_stages - 1)) * (1 + 1e-6)
             r = bisect_budget(lambda ratio: self._cost(split, ratio).gmacs, target, lowest, 1.0, tol=1e-4)
+        achieved = self._cost(split, r).gmacs
+        if abs(achieved - target) > BUDGET_TOLERANCE * target:
+            # e.g. a target at or above the unreduced backbone: even keep_ratio 1 costs more (the TSMs add work)
+            raise ValueError(f"reducer target {target:.3f} GMACs is out of reach: the closest is {achieved:.3f} GMACs "
+                             f"(stage_blocks={split}, keep_ratio={r:.3g}); set a target below the unreduced "
+                             f"backbone's {TokenReducer.cost(self).gmacs:.3f} GMACs")
         log.info("reducer=sit: target %.3f GMACs -> stage_blocks=%s keep_ratio=%.4g (%.3f GMACs)",
-                 target, split, r, self._cost(split, r).gmacs)
+                 target, split, r, achieved)
         return split, r
 
     def cost(self) -> ModelCost:

@@ -13,9 +13,12 @@ last one's model, and resumes an interrupted fit from that phase's ``last.ckpt``
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,7 +78,7 @@ def save_phase(model: TokenReducer, run_dir: Path, phase: str, meta: Mapping[str
     cumulative optimizer step and the phase's metrics."""
     payload = {"phase": phase, "structure": model.structure(), "state_dict": model.state_dict(),
                "tokred": dict(meta or {}), "global_step": int(step), "metrics": dict(metrics or {})}
-    atomic_write(phase_checkpoint(run_dir, phase), lambda p: torch.save(payload, p))
+    atomic_write(phase_checkpoint(run_dir, phase), lambda p: _torch_save(payload, p))
 
 
 def read_phase(path: Path) -> dict[str, Any]:
@@ -132,6 +135,16 @@ def progress(model: TokenReducer, run_dir: Path, meta: Mapping[str, Any]) -> Pro
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
+def _torch_save(payload: Any, path: Path) -> None:
+    """torch.save, with a failed write (a full disk) reported as the OSError it is: torch raises a RuntimeError."""
+    try:
+        torch.save(payload, path)
+    except RuntimeError as err:
+        if "write" not in str(err).lower():
+            raise
+        raise OSError(errno.EIO, f"torch could not finish writing ({str(err).splitlines()[0]})", str(path)) from None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a temporary file next to the target and renames it over the target.
 
@@ -140,7 +153,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        atomic_write(Path(path), lambda p: torch.save(checkpoint, p))
+        atomic_write(Path(path), lambda p: _torch_save(checkpoint, p))
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
@@ -307,6 +320,57 @@ def check_resumed_config(cfg: DictConfig, run_dir: Path) -> None:
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise ConfigError(f"{run_dir} was trained with {shown}{more}; resume it with those settings, or drop ckpt_path "
                           f"to start a new run (on resume only {', '.join(MAY_CHANGE_ON_RESUME)} may change)")
+
+
+# ------------------------------------------------------------------------------------------------ ownership
+class RunLock:
+    """One process owns a run directory while it trains (``.lock``: owner pid, host, start time), so two launches
+    into one directory (the same ``hydra.run.dir`` twice, a multirun job started twice) cannot interleave their
+    checkpoints, metrics and exports. A lock left by a process that is gone (killed) is taken over with a message.
+    Held by rank 0 only: the other DDP ranks belong to its run."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                self._take_over_or_refuse()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.owner, f)
+            return self
+
+    def _take_over_or_refuse(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            holder = {}
+        pid, host = holder.get("pid"), holder.get("host")
+        if host == self.owner["host"] and isinstance(pid, int) and not _alive(pid):
+            log.warning("taking over %s: its owner (pid %d, since %s) is no longer running", self.path, pid,
+                        holder.get("since"))
+            self.path.unlink(missing_ok=True)
+            return
+        raise ConfigError(f"{self.path.parent} is in use by pid {pid} on {host} since {holder.get('since')}; wait for "
+                          f"it to finish or pass another hydra.run.dir (if that process is gone, delete {self.path})")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ resume targets

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,8 +34,8 @@ from tokred.training.loggers import build_logger
 from tokred.training.module import NonFiniteLossError, TokredModule
 from tokred.training.optim import effective_lr
 from tokred.training.phases import (
-    RUN_CONFIG, AtomicCheckpointIO, PhaseContext, check_checkpoint, check_resumed_config, checkpoint_callbacks,
-    checkpoint_dir, find_resume, progress, record_config, save_phase, wait_for_phase,
+    RUN_CONFIG, AtomicCheckpointIO, PhaseContext, Progress, RunLock, check_checkpoint, check_resumed_config,
+    checkpoint_callbacks, checkpoint_dir, find_resume, progress, record_config, save_phase, wait_for_phase,
 )
 from tokred.visualize import token_map_callbacks
 
@@ -114,9 +115,8 @@ def _fit(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, phas
         mixup=build_mixup(cfg.dataset.get("aug") or {}, datamodule.num_classes, label_smoothing),
         teacher=model.build_teacher(), meta=meta,
     )
-    ckpt = ckpt or (directory / "last.ckpt" if (directory / "last.ckpt").is_file() else None)
+    ckpt = resume_point(run_dir, phase, ckpt)
     if ckpt is not None:
-        check_checkpoint(ckpt, meta)
         log.info("phase %r resumes from %s", phase.name, ckpt)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
@@ -129,6 +129,12 @@ def _fit(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, phas
     if best is not None:
         metrics["val/acc1_best"] = float(best)
     return trainer.global_step, metrics
+
+
+def resume_point(run_dir: Path, phase: Phase, explicit: Path | None) -> Path | None:
+    """The checkpoint a phase's fit continues from: ``ckpt_path`` if it names one, else the phase's ``last.ckpt``."""
+    last = checkpoint_dir(run_dir, phase.name) / "last.ckpt"
+    return explicit or (last if last.is_file() else None)
 
 
 def _phase_of(ckpt: Path | None, in_run_dir: bool, pending: list[Phase]) -> str | None:
@@ -177,9 +183,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     meta = model_meta(cfg, num_classes)
     state = progress(model, run_dir, meta)
     ckpt_phase = _phase_of(ckpt_file, resume_dir is not None, state.pending)
+    for phase in state.pending:  # an unusable checkpoint is refused now, before anything in the run is written
+        point = resume_point(run_dir, phase, ckpt_file if phase.name == ckpt_phase else None)
+        if phase.epochs != 0 and point is not None:
+            check_checkpoint(point, meta)
     check_resumed_config(cfg, run_dir)  # after the checks above, whose messages name a more specific fix
-    if rank_zero_only.rank == 0 and not (run_dir / RUN_CONFIG).is_file():
-        record_config(cfg, run_dir)
+    with RunLock(run_dir) if rank_zero_only.rank == 0 else nullcontext():
+        if rank_zero_only.rank == 0 and not (run_dir / RUN_CONFIG).is_file():
+            record_config(cfg, run_dir)
+        return _run_phases(cfg, model, datamodule, run_dir, state, meta, ckpt_file, ckpt_phase, token_maps)
+
+
+def _run_phases(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, run_dir: Path, state: Progress,
+                meta: dict[str, Any], ckpt_file: Path | None, ckpt_phase: str | None,
+                token_maps: Sequence[Callback]) -> dict[str, Any]:
+    """Every pending phase, then :func:`finish`; the caller holds the run directory."""
     logger = build_logger(cfg.get("logger"), run_dir)
     stats = model_stats(model, int(cfg.backbone.img_size), counted=False)  # the counted figure comes with the summary
     log.info("model: %s + %s, %.3f GMACs, %.2f M params; run directory %s", cfg.backbone.model, cfg.reducer.name,
