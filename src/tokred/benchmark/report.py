@@ -155,6 +155,7 @@ MD_COLUMNS: list[Column] = [
      f"{r['throughput']:.1f} ±{r['throughput_iqr_pct']:.0f}%" + (" ◆" if r["pareto_throughput"] else "")),
     ("speed-up", lambda r: "–" if r.get("speedup") is None else f"{r['speedup']:.2f}×"),
     ("latency bs1 (ms)", lambda r: fmt(r.get("latency_ms"), ".1f")),
+    ("measured", lambda r: r.get("measured") or "–"),
     ("run", lambda r: f"`{r['run_dir']}`"),
 ]
 
