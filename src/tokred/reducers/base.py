@@ -100,6 +100,9 @@ class TokenReducer(nn.Module):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[ReducerConfig]] = ReducerConfig
+    # True for methods whose token counts differ per image (ATS): their cost(images) is the mean over those images,
+    # and cost() the mean over reference images; everyone else's cost is the same for every image.
+    adaptive: ClassVar[bool] = False
 
     def __init__(self, vit: nn.Module, cfg: ReducerConfig) -> None:
         super().__init__()
