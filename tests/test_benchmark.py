@@ -124,7 +124,7 @@ def test_failed_row_is_reported_not_hidden(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("args, message", [
     (["nonsense=1"], "nonsense"),
     (["backbones=[deit_huge]"], "unknown backbone 'deit_huge'"),
-    (["reducers=[tome]"], "unknown reducer 'tome'"),
+    (["reducers=[bogus]"], "unknown reducer 'bogus'"),
     (["precision=fp8"], "precision='fp8'; choose one of: fp32, bf16, fp16"),
 ])
 def test_benchmark_config_errors_are_one_line(args, message, monkeypatch, capsys):
