@@ -194,6 +194,16 @@ def test_report_turns_runs_into_table_and_plots(runs, tmp_path, capsys):
         assert (out / "test" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_report_on_other_runs_keeps_the_earlier_rows(runs, tmp_path, capsys):
+    out = tmp_path / "results"
+    report = ["--out-dir", str(out), "--machine", "test", "--no-speed"]
+    report_cli.main([str(runs / "sit"), *report])
+    report_cli.main([str(runs / "evo_vit"), *report])
+    rows = json.loads((out / "test" / "compare.json").read_text())["rows"]
+    assert {r["reducer"] for r in rows} == {"sit", "evo_vit"} and all(r["measured"] for r in rows)
+    capsys.readouterr()
+
+
 def test_report_logs_wandb_table_offline(runs, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

@@ -193,6 +193,15 @@ def test_threads_sets_torch_threads(tmp_path, capsys):
         torch.set_num_threads(threads)
 
 
+def test_cpu_processes_sharing_a_machine_share_its_cores():
+    from tokred.cli.train import torch_threads
+
+    cores = os.cpu_count()
+    assert torch_threads(compose_config(["trainer=ddp_cpu"])) == max(1, cores // 2)
+    assert torch_threads(compose_config(["trainer=ddp_cpu", "threads=3"])) == 3
+    assert torch_threads(compose_config([])) is None
+
+
 def test_tokred_eval_says_where_it_wrote_and_flops_defaults_to_the_training_backbone(run_cfg, tmp_path, capsys):
     cfg = run_cfg("trainer.max_epochs=1", NO_MAPS)
     train(cfg)

@@ -172,6 +172,21 @@ def test_every_cli_answers_bad_values_with_one_line_naming_the_key(cli, group, t
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.log")), "a run dir is left"
 
 
+@pytest.mark.parametrize("cli, args, key", [
+    ("tokred-benchmark", ["batch_size=abc"], "batch_size"),
+    ("tokred-benchmark", ["bogus=1"], "bogus"),
+    ("tokred-compare", ["epochs=abc"], "epochs"),
+    ("tokred-compare", ["bogus=1"], "bogus"),
+    ("tokred-report", ["--batch-size", "abc"], "batch-size"),
+    ("tokred-report", ["/nowhere"], "/nowhere"),
+])
+def test_the_benchmark_and_report_clis_answer_bad_values_with_one_line(cli, args, key, processes):
+    done = processes.run([str(Path(sys.executable).with_name(cli)), *args], timeout=120)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]  # argparse prints its usage first
+    assert len(errors) == 1 and "Traceback" not in done.stderr and key in errors[0], done.stderr
+
+
 def test_tokred_eval_without_ckpt_path_names_it(capsys, tmp_path):
     code, _, err = run_cli(eval_cli.main, capsys, f"paths.root={tmp_path}")
     assert code == 2 and err.count("\n") == 1 and "ckpt_path is required" in err
