@@ -35,6 +35,8 @@ TINY_REDUCER = {
                        "reducer.holdout_images=16", "reducer.block_epochs=1", "reducer.bisect_searches=1",
                        "reducer.group_size=32", "reducer.epsilon=0.5", "reducer.finetune_epochs=1"],
     "vit_slim": ["reducer.search_epochs=1"],
+    "dynamicvit": ["reducer.freeze_backbone_epochs=1"],
+    "ats": ["reducer.num_tokens=null"],  # the presets' K = 108 is for 197 tokens; the tiny backbone has 65
 }
 
 
