@@ -28,7 +28,7 @@ from torch import nn
 
 from tokred.flops import BlockCost, ModelCost, head_macs, num_tokens, stem_macs
 from tokred.reducers import register_reducer
-from tokred.reducers.base import Phase, ReducerConfig, TokenMap, TokenReducer
+from tokred.reducers.base import Phase, TrainingFreeConfig, TokenMap, TokenReducer
 from tokred.vit_ops import (
     UnsupportedBackbone, attend, block_forward, check_standard_vit, classify, cls_attention, embed, gather_tokens,
     mlp_residual, project_qkv,
@@ -49,14 +49,13 @@ BlockCallback = Callable[[int, torch.Tensor, Optional[torch.Tensor]], None]
 
 
 @dataclass
-class Config(ReducerConfig):
+class Config(TrainingFreeConfig):
     name: str = "ats"
     num_tokens: Optional[int] = None  # K: most tokens (CLS included) an ATS block keeps; null: the input count
     blocks: Optional[list[int]] = None  # 0-based ATS blocks; null: every block from the 4th (index 3) on; []: none
     grid_size: str = "release"  # release: K - 1 grid points in every ATS block | per_current_T: min(K, T) - 1
     value_norm: str = "full"  # full: norm of the C-dim value (official) | per_head: sum_h A_h * |V_h| (TokenReduction)
     cost_images: int = 16  # cost() = mean per-image MACs over this many seeded N(0, 1) images
-    finetune_epochs: Optional[int] = None  # None: trainer.max_epochs; 0: training-free (apply, evaluate, export)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,9 +73,6 @@ class Config(ReducerConfig):
                 raise ValueError(f"reducer.{knob}={value!r}; choose one of: {', '.join(choices)}")
         if self.cost_images < 1:
             raise ValueError(f"reducer.cost_images={self.cost_images} must be >= 1 (images the mean cost is over)")
-        if self.finetune_epochs is not None and self.finetune_epochs < 0:
-            raise ValueError(f"reducer.finetune_epochs={self.finetune_epochs} must be >= 0 (0: training-free, "
-                             "null: trainer.max_epochs)")
 
 
 def significance(
@@ -387,7 +383,7 @@ class ATS(TokenReducer):
     def phases(self) -> list[Phase]:
         # Parameter-free: fine-tuning trains the backbone with sampling in the loop, one LR for everything (spec §7
         # recommendation; the paper's schedule is unknown). finetune_epochs=0 applies ATS to the weights as they are.
-        return [Phase("finetune", epochs=self.cfg.finetune_epochs)]
+        return self.cfg.phases()
 
     def structure(self) -> dict:
         # A budget's K was searched on the weights at build time; a rebuild (export, eval) must not search again on

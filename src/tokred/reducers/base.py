@@ -56,6 +56,23 @@ class ReducerConfig:
 
 
 @dataclass
+class TrainingFreeConfig(ReducerConfig):
+    """Knobs of a method that applies to a trained backbone as it is (ToMe, Top-K, EViT, ATS) or fine-tuned with it."""
+
+    finetune_epochs: Optional[int] = None  # None: trainer.max_epochs; 0: training-free (apply, evaluate, export)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.finetune_epochs is not None and self.finetune_epochs < 0:
+            raise ValueError(f"reducer.finetune_epochs={self.finetune_epochs} must be >= 0 (0: training-free, "
+                             "null: trainer.max_epochs)")
+
+    def phases(self) -> list["Phase"]:
+        """The pipeline: one fine-tuning fit, or none when training-free (the run evaluates and exports)."""
+        return [Phase("finetune", epochs=self.finetune_epochs)]
+
+
+@dataclass
 class ParamGroup:
     """Parameters that need optimiser settings of their own (e.g. SiT's RTSMs at 5x the LR)."""
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from tokred.flops import BlockCost, ModelCost, head_macs, num_tokens, stem_macs
 from tokred.reducers import register_reducer
-from tokred.reducers.base import Phase, ReducerConfig, TokenMap, TokenReducer
+from tokred.reducers.base import Phase, TrainingFreeConfig, TokenMap, TokenReducer
 from tokred.vit_ops import (
     UnsupportedBackbone, attend, check_standard_vit, classify, embed, gather_tokens, mlp_residual, project_qkv,
 )
@@ -41,13 +41,12 @@ BlockCallback = Callable[[int, torch.Tensor, torch.Tensor, Optional[torch.Tensor
 
 
 @dataclass
-class Config(ReducerConfig):
+class Config(TrainingFreeConfig):
     name: str = "tome"
     r: int = 13  # tokens merged per block (the paper's DeiT-S point: 4.60 -> 2.70 GMACs)
     inflection: float = 0.0  # schedule (r, inflection): -1 decreases from 2r to 0, 0 is constant r, +1 increases
     r_list: Optional[list[int]] = None  # per-block r; overrides r and inflection, padded with 0 to the depth
     prop_attn: bool = True  # proportional attention: log(size) added to the attention logits
-    finetune_epochs: Optional[int] = None  # None: trainer.max_epochs; 0: training-free (evaluate and export only)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,9 +60,6 @@ class Config(ReducerConfig):
                 raise ValueError(f"reducer.r_list={list(self.r_list)} must hold per-block counts >= 0")
             if self.target_gmacs is not None or self.target_ratio is not None:
                 raise ValueError("reducer.r_list fixes the schedule; unset it or reducer.target_gmacs/target_ratio")
-        if self.finetune_epochs is not None and self.finetune_epochs < 0:
-            raise ValueError(f"reducer.finetune_epochs={self.finetune_epochs} must be >= 0 "
-                             "(0: training-free, null: trainer.max_epochs)")
 
 
 # --------------------------------------------------------------------------------------------------- schedules
@@ -314,7 +310,7 @@ class ToMe(TokenReducer):
     # ---------------------------------------------------------------- pipeline and structure
     def phases(self) -> list[Phase]:
         # ToMe adds no parameters and no loss (spec §7): fine-tuning is plain CE on the merged model.
-        return [Phase("finetune", epochs=self.cfg.finetune_epochs)]
+        return self.cfg.phases()
 
     def knobs(self) -> dict[str, Any]:
         return {**super().knobs(), "r_schedule": list(self.schedule)}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from torch import nn
 from tokred.flops import BlockCost, ModelCost, head_macs, num_tokens, stem_macs
 from tokred.pruning import Selection, attention_with_cls_row, head_mean_scores, prune, track
 from tokred.reducers import register_reducer
-from tokred.reducers.base import Phase, ReducerConfig, TokenMap, TokenReducer
+from tokred.reducers.base import Phase, TrainingFreeConfig, TokenMap, TokenReducer
 from tokred.vit_ops import block_forward, check_standard_vit, classify, embed, mlp_residual
 
 COUNT_MODES = ("relative_ceil", "absolute_floor")
@@ -45,12 +45,11 @@ BlockCallback = Callable[[int, torch.Tensor], None]
 
 
 @dataclass
-class Config(ReducerConfig):
+class Config(TrainingFreeConfig):
     name: str = "topk"
     keep_rate: float = 0.7  # rho: share of patch tokens kept at each location (see count_mode)
     locations: list[int] = field(default_factory=lambda: [3, 6, 9])  # 0-based blocks that prune after attention
     count_mode: str = "absolute_floor"  # absolute_floor: floor(rho^(i+1) * P) (Haurum) | relative_ceil (EViT)
-    finetune_epochs: Optional[int] = None  # None: trainer.max_epochs; 0: training-free (apply, evaluate, export)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,9 +61,6 @@ class Config(ReducerConfig):
                              "e.g. [3,6,9]")
         if self.count_mode not in COUNT_MODES:
             raise ValueError(f"reducer.count_mode={self.count_mode!r}; choose one of: {', '.join(COUNT_MODES)}")
-        if self.finetune_epochs is not None and self.finetune_epochs < 0:
-            raise ValueError(f"reducer.finetune_epochs={self.finetune_epochs} must be >= 0 (0: training-free, "
-                             "null: trainer.max_epochs)")
 
 
 def keep_count(count_mode: str, keep_rate: float, n_candidates: int, n_patches: int, location: int) -> int:
@@ -204,4 +200,4 @@ class TopK(TokenReducer):
     def phases(self) -> list[Phase]:
         # One fit of the whole network with the reduction in place; 0 epochs applies the pruning to the backbone's
         # weights as they are (training-free), so the run only evaluates and exports.
-        return [Phase("finetune", epochs=self.cfg.finetune_epochs)]
+        return self.cfg.phases()
