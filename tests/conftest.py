@@ -73,6 +73,14 @@ def _isolated_outputs(tmp_path_factory, monkeypatch):
         monkeypatch.setenv(var, str(root / "wandb"))
 
 
+def peaked(vit: VisionTransformer) -> VisionTransformer:
+    """Sharpen the attention of a random ViT, so score-based choices differ between images."""
+    with torch.no_grad():
+        for blk in vit.blocks:
+            blk.attn.qkv.weight.mul_(8)
+    return vit
+
+
 @pytest.fixture
 def make_vit():
     return tiny_vit

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import pytest
+from conftest import peaked
 import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,14 +28,6 @@ def ats(vit, **knobs):
 def images(b: int = 4) -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(b, 3, 32, 32)
-
-
-def peaked(vit):
-    """Sharpen the attention of a random ViT, so images keep different numbers of tokens."""
-    with torch.no_grad():
-        for blk in vit.blocks:
-            blk.attn.qkv.weight.mul_(8)
-    return vit
 
 
 def kept_sets(model, x) -> list[list[set[int]]]:

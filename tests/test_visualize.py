@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_cli
+from conftest import FAST, peaked, run_cli
 from PIL import Image
 
 from tokred.cli import visualize as visualize_cli
@@ -31,14 +31,6 @@ ROW_PX = int(1.8 * 120)  # one figure row: 1.8 in at save_figure's 120 dpi
 def images(b: int = 3) -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(b, 3, 32, 32)
-
-
-def peaked(vit):
-    """Sharpen the attention of a random ViT, so score-based choices differ between images."""
-    with torch.no_grad():
-        for blk in vit.blocks:
-            blk.attn.qkv.weight.mul_(8)
-    return vit
 
 
 # ------------------------------------------------------------------------------------------------ the maps
