@@ -255,6 +255,15 @@ class ATS(TokenReducer):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return classify(self.vit, self._tokens(images))
 
+    def _trace(self, images: torch.Tensor, record: BlockCallback) -> None:
+        """One eval-mode pass that hands each ATS block's sampled rows to ``record`` (maps and cost read them)."""
+        was_training = self.training
+        self.eval()
+        try:
+            self._tokens(images, record)
+        finally:
+            self.train(was_training)
+
     @torch.no_grad()
     def token_maps(self, images: torch.Tensor) -> list[TokenMap]:
         """Per block, 1 on the patches the block computes (its output rows), 0 on those sampled away before."""
@@ -268,12 +277,7 @@ class ATS(TokenReducer):
             kept.scatter_(1, torch.where(real, patch, n), 1.0)  # padding goes to the extra column n
             maps.append(TokenMap(i, "kept", kept[:, :n].view(-1, *grid)))
 
-        was_training = self.training
-        self.eval()
-        try:
-            self._tokens(images, record)
-        finally:
-            self.train(was_training)
+        self._trace(images, record)
         return maps
 
     # ---------------------------------------------------------------- cost
@@ -302,12 +306,7 @@ class ATS(TokenReducer):
             n_in = counts[-1][1] if counts else torch.full_like(n_out, num_tokens(self.vit))
             counts.append((n_in, n_out))
 
-        was_training = self.training
-        self.eval()
-        try:
-            self._tokens(images, record)
-        finally:
-            self.train(was_training)
+        self._trace(images, record)
         return counts
 
     def image_macs(self, images: torch.Tensor) -> torch.Tensor:
