@@ -66,7 +66,7 @@ sweep: $(STAMP) ## Optuna Pareto search (top-1 vs GMACs) over Evo-ViT's knobs on
 
 RUNS ?= multirun/compare
 report: $(STAMP) ## table and Pareto plots of the training runs under RUNS (default multirun/compare)
-	$(BIN)/tokred-report $(RUNS) $(ARGS)
+	$(BIN)/tokred-report runs_dir=$(RUNS) $(ARGS)
 
 clean: ## remove run outputs (keeps the virtual environments)
 	rm -rf outputs multirun .pytest_cache

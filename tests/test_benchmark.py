@@ -177,8 +177,8 @@ def runs(tmp_path_factory):
 
 def test_report_turns_runs_into_table_and_plots(runs, tmp_path, capsys):
     out = tmp_path / "results"
-    report_cli.main([str(runs), "--out-dir", str(out), "--machine", "test", "--batch-size", "2", "--repeats", "1",
-                     "--latency-repeats", "1"])
+    report_cli.main([f"runs_dir={runs}", f"out_dir={out}", "machine=test", "batch_size=2", "repeats=1",
+                     "latency_repeats=1"])
     assert "wrote" in capsys.readouterr().out
     with (out / "test" / "compare.csv").open() as f:
         table = {r["reducer"]: r for r in csv.DictReader(f)}
@@ -196,9 +196,9 @@ def test_report_turns_runs_into_table_and_plots(runs, tmp_path, capsys):
 
 def test_a_report_on_other_runs_keeps_the_earlier_rows(runs, tmp_path, capsys):
     out = tmp_path / "results"
-    report = ["--out-dir", str(out), "--machine", "test", "--no-speed"]
-    report_cli.main([str(runs / "sit"), *report])
-    report_cli.main([str(runs / "evo_vit"), *report])
+    report = [f"out_dir={out}", "machine=test", "speed=false"]
+    report_cli.main([f"runs_dir={runs / 'sit'}", *report])
+    report_cli.main([f"runs_dir={runs / 'evo_vit'}", *report])
     rows = json.loads((out / "test" / "compare.json").read_text())["rows"]
     assert {r["reducer"] for r in rows} == {"sit", "evo_vit"} and all(r["measured"] for r in rows)
     capsys.readouterr()
@@ -208,7 +208,7 @@ def test_report_logs_wandb_table_offline(runs, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    report_cli.main([str(runs), "--out-dir", str(tmp_path / "results"), "--machine", "test", "--no-speed", "--wandb"])
+    report_cli.main([f"runs_dir={runs}", f"out_dir={tmp_path / 'results'}", "machine=test", "speed=false", "wandb=true"])
     tables = list((tmp_path / "wandb").glob("offline-run-*/files/media/table/rows_*.table.json"))
     assert len(tables) == 1
     logged = json.loads(tables[0].read_text())
@@ -225,7 +225,7 @@ def test_report_bad_runs_dir_is_one_line(content, message, tmp_path, capsys):
         (tmp_path / "run").mkdir()
         (tmp_path / "run" / "summary.json").write_text(content)
     with pytest.raises(SystemExit) as exit_info:
-        report_cli.main([str(tmp_path), "--no-speed", "--out-dir", str(tmp_path / "results")])
+        report_cli.main([f"runs_dir={tmp_path}", "speed=false", f"out_dir={tmp_path / 'results'}"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "results").exists()

@@ -19,7 +19,9 @@ from tokred.cli import benchmark as benchmark_cli
 from tokred.cli import eval as eval_cli
 from tokred.cli import flops as flops_cli
 from tokred.cli import train as train_cli
+from tokred.cli import report as report_cli
 from tokred.cli import visualize as visualize_cli
+from tokred.benchmark.compare import main as compare_main
 from tokred.backbones import CheckpointError
 from tokred.config import ConfigError, compose_config
 from tokred.training import phases
@@ -177,14 +179,27 @@ def test_every_cli_answers_bad_values_with_one_line_naming_the_key(cli, group, t
     ("tokred-benchmark", ["bogus=1"], "bogus"),
     ("tokred-compare", ["epochs=abc"], "epochs"),
     ("tokred-compare", ["bogus=1"], "bogus"),
-    ("tokred-report", ["--batch-size", "abc"], "batch-size"),
-    ("tokred-report", ["/nowhere"], "/nowhere"),
+    ("tokred-report", ["runs_dir=/tmp", "batch_size=abc"], "batch_size"),
+    ("tokred-report", ["runs_dir=/nowhere"], "/nowhere"),
+    ("tokred-report", ["/nowhere"], "runs_dir=/nowhere"),
+    ("tokred-report", [], "runs_dir"),
 ])
 def test_the_benchmark_and_report_clis_answer_bad_values_with_one_line(cli, args, key, processes):
     done = processes.run([str(Path(sys.executable).with_name(cli)), *args], timeout=120)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
-    errors = [line for line in done.stderr.splitlines() if "error:" in line]  # argparse prints its usage first
+    errors = done.stderr.splitlines()
     assert len(errors) == 1 and "Traceback" not in done.stderr and key in errors[0], done.stderr
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "visualize", "flops", "benchmark", "compare", "report"])
+def test_every_cli_answers_help(name, capsys):
+    """--help prints the choices and keys and exits 0; shared config fragments are no choice (the dataset recipe)."""
+    main = {"compare": compare_main, "report": report_cli.main}.get(name) or globals()[f"{name}_cli"].main
+    code, out, err = run_cli(main, capsys, "--help")
+    assert code == 0 and "Traceback" not in err, err
+    assert ("reducer" in out or name == "report") and "deit_data_recipe" not in out
+    if name in ("train", "eval"):
+        assert "dataset: cifar10, cifar100, imagefolder, imagenet, synthetic" in out
 
 
 def test_tokred_eval_without_ckpt_path_names_it(capsys, tmp_path):

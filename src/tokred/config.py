@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tokred.reducers import reducer_config
+from tokred.reducers.sit import check_teacher
 
 GROUPS = ("backbone", "reducer", "dataset", "optim", "trainer", "logger", "experiment")
 MAX_DIRNAME = 200  # under the 255-byte name limit of common filesystems
@@ -98,6 +99,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.scheduler={cfg.optim.scheduler!r}; choose one of: cosine, constant")
     try:
         reducer_config(cfg.reducer)
+        if "ckpt_path" in cfg:  # tokred-train's config; tokred-flops and the benchmark build models, train none
+            check_teacher(cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -158,8 +161,28 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train") ->
     return cfg
 
 
+def wants_help(args: Sequence[str]) -> bool:
+    return any(a in ("-h", "--help") for a in args)
+
+
+def print_help(program: str, config_name: str) -> None:
+    """``--help`` of the commands that compose their config directly: the usage line, then the config file itself,
+    whose comments document every key."""
+    print(f"usage: {program} [key=value ...]\n\nKeys and defaults (conf/{config_name}.yaml):\n")
+    print((conf_dir() / f"{config_name}.yaml").read_text())
+
+
+def hydra_flags(args: Sequence[str]) -> bool:
+    """Whether a ``@hydra.main`` command line holds Hydra's own flags (``--help``, ``--cfg job``, ``--info`` ...):
+    those print and exit inside Hydra, so the up-front checks of a run must let them through."""
+    return any(a.startswith("-") and a not in ("-m", "--multirun") for a in args)
+
+
 def check_overrides(args: Sequence[str], config_name: str) -> None:
-    """A command line's overrides compose (see :func:`compose_config`); sweeps (``-m``) are checked per job."""
+    """A command line's overrides compose (see :func:`compose_config`); sweeps (``-m``) are checked per job, and
+    Hydra's own flags (``--help``, ``--cfg job``, ``--info`` ...) are left to Hydra."""
+    if hydra_flags(args):
+        return
     if any(a in ("-m", "--multirun") for a in args):
         check_group_overrides(args)
         return

@@ -18,11 +18,9 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from tqdm import tqdm
 
-from tokred.benchmark.report import make_report
-from tokred.benchmark.timing import SpeedSettings
-from tokred.config import compose_config, fail
+from tokred.benchmark.report import report_from_config
+from tokred.config import compose_config, fail, print_help, wants_help
 from tokred.reducers import available_reducers, reducer_class
 
 
@@ -89,19 +87,15 @@ def run(cfg: DictConfig) -> list[str]:
             failed.append(step.name)
     if cfg.dry_run:
         return failed
-    report = cfg.report
-    paths = make_report(
-        Path(cfg.runs_dir), Path(report.out_dir), machine_name=report.machine,
-        settings=SpeedSettings.from_mapping(report) if report.speed else None,
-        wandb_project=report.wandb_project if cfg.wandb else None,
-        command=f"tokred-report {shlex.quote(str(cfg.runs_dir))}",
-        progress=lambda total: tqdm(total=total, desc="timing runs", unit="step", dynamic_ncols=True),
-    )
+    paths = report_from_config(cfg.report, command=f"tokred-report runs_dir={shlex.quote(str(cfg.runs_dir))}")
     paths.show()
     return failed
 
 
 def main() -> None:
+    if wants_help(sys.argv[1:]):
+        print_help("tokred-compare", "compare")
+        return
     try:
         cfg = compose_config(sys.argv[1:], config_name="compare")
         OmegaConf.set_struct(cfg, False)  # baseline_ckpt is filled in by plan()

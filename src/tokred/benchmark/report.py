@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
+from tqdm import tqdm
 
 from tokred.benchmark.outputs import (
     Column, fmt, md_table, merge_rows, pareto_front, scatter_plot, write_csv, write_json, write_text,
@@ -198,7 +199,7 @@ def write_report(rows: list[dict[str, Any]], runs_dir: Path, out: Path, name: st
         f"Throughput: exported models, batch {settings.batch_size}, {settings.precision}, median of "
         f"{settings.repeats} interleaved rounds on {machine['device_name']} ({machine['threads']} threads), "
         f"torch {machine['torch']}; speed-up vs the `none` run of the same backbone." if timed else
-        "Throughput not measured (--no-speed)."
+        "Throughput not measured (speed=false)."
     )
     datasets = sorted({str(r["dataset"]) for r in rows})
     lines = [
@@ -207,7 +208,7 @@ def write_report(rows: list[dict[str, Any]], runs_dir: Path, out: Path, name: st
         f"{len(rows)} runs under `{runs_dir}`. Top-1/top-5: validation accuracy measured by tokred-train on "
         f"{', '.join(datasets)} (not paper figures). GMACs: analytic, per image. ◆: on the Pareto front (top-1 vs "
         f"GMACs, resp. vs throughput) of its backbone; ⚠ degenerate runs (no patch token left in some block, or chance-level "
-        f"top-1) are left off the front unless --include-degenerate. {speed_line} Regenerate: `{command}`.",
+        f"top-1) are left off the front unless include_degenerate=true. {speed_line} Regenerate: `{command}`.",
     ]
     for backbone in dict.fromkeys(r["backbone"] for r in rows):
         lines += ["", f"## {backbone}", "", md_table([r for r in rows if r["backbone"] == backbone], MD_COLUMNS)]
@@ -248,3 +249,13 @@ def make_report(runs_dir: Path, out_dir: Path, *, settings: SpeedSettings | None
     if wandb_project:
         print(f"wandb run: {log_report(rows, paths, wandb_project, f'{name}-{slug}', machine)}")
     return paths
+
+
+def report_from_config(cfg: Mapping[str, Any], command: str) -> ReportPaths:
+    """:func:`make_report` as a composed ``conf/report.yaml`` asks (``tokred-report``, ``tokred-compare``'s last step)."""
+    return make_report(
+        Path(cfg["runs_dir"]), Path(cfg["out_dir"]), machine_name=cfg["machine"], name=cfg["name"],
+        settings=SpeedSettings.from_mapping(cfg) if cfg["speed"] else None,
+        wandb_project=cfg["wandb_project"] if cfg["wandb"] else None, command=command,
+        progress=lambda total: tqdm(total=total, desc="timing runs", unit="step", dynamic_ncols=True),
+        include_degenerate=bool(cfg["include_degenerate"]))

@@ -14,11 +14,14 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from tokred.benchmark.harness import run_benchmark, write_results
-from tokred.config import compose_config, fail
+from tokred.config import compose_config, fail, print_help, wants_help
 
 
 def main() -> None:
     args = sys.argv[1:]
+    if wants_help(args):
+        print_help("tokred-benchmark", "benchmark")
+        return
     command = shlex.join(["tokred-benchmark", *args])
     try:
         cfg = compose_config(args, config_name="benchmark")

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tokred.backbones import CheckpointError, create_backbone
 from tokred.cli.train import USER_ERRORS
-from tokred.config import check_overrides, conf_dir, discard_refused_run, fail, quiet_libraries
+from tokred.config import check_overrides, conf_dir, discard_refused_run, fail, hydra_flags, quiet_libraries
 from tokred.data import build_datamodule
 from tokred.export import load_deployable
 from tokred.io import atomic_write_json
@@ -119,7 +119,7 @@ def main() -> None:
     own_wandb_service()
     try:
         check_overrides(sys.argv[1:], "eval")
-        if not any(a.startswith("ckpt_path=") for a in sys.argv[1:]):
+        if not hydra_flags(sys.argv[1:]) and not any(a.startswith("ckpt_path=") for a in sys.argv[1:]):
             raise CheckpointError("ckpt_path is required: tokred-eval ckpt_path=<run dir | export/ | phases/<phase>.pt | "
                                   "checkpoints/<phase>/best.ckpt>")
     except USER_ERRORS as err:

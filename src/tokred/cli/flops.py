@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
-from tokred.config import compose_config, fail, validate
+from tokred.config import compose_config, fail, print_help, validate, wants_help
 from tokred.flops import count_params, counted_gmacs
 from tokred.training.run import build_model
 
@@ -31,6 +31,9 @@ def measure(overrides: list[str]) -> dict:
 
 
 def main() -> None:
+    if wants_help(sys.argv[1:]):
+        print_help("tokred-flops", "flops")
+        return
     try:
         row = measure(sys.argv[1:])
     except ValueError as err:

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from tokred.backbones import CheckpointError
 from tokred.config import (
-    ConfigError, check_overrides, check_writable, conf_dir, discard_refused_run, fail, quiet_libraries, runs_root,
-    validate,
+    ConfigError, check_overrides, check_writable, conf_dir, discard_refused_run, fail, hydra_flags, quiet_libraries,
+    runs_root, validate,
 )
 from tokred.data import DatasetError
 from tokred.training.loggers import own_wandb_service
@@ -162,6 +162,9 @@ def launch_overrides(args: list[str]) -> list[str]:
 
 def main() -> None:
     own_wandb_service()
+    if hydra_flags(sys.argv[1:]):
+        _hydra_main()
+        return
     try:
         check_overrides(sys.argv[1:], "train")
         if not any(a in ("-m", "--multirun") for a in sys.argv[1:]):
