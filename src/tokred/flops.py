@@ -135,10 +135,12 @@ def counted_gmacs(model: nn.Module, img_size: int, in_chans: int = 3, batch_size
 
 
 def bisect_budget(
-    gmacs_at: Callable[[float], float], target: float, lo: float, hi: float, tol: float = 1e-3, iters: int = 60
+    gmacs_at: Callable[[float], float], target: float, lo: float, hi: float, tol: float = 1e-3, iters: int = 60,
+    ceiling: bool = False,
 ) -> float:
     """The knob value in [lo, hi] whose cost is closest to ``target`` GMACs; ``gmacs_at`` must be monotone.
 
+    ``ceiling``: the closest whose cost is at or under ``target`` (when one of the final bounds is).
     Every reducer's ``target_gmacs`` support goes through here (keep ratio, channel budget, epsilon ...).
     """
     increasing = gmacs_at(hi) >= gmacs_at(lo)
@@ -150,4 +152,5 @@ def bisect_budget(
             hi = mid
         if hi - lo < tol:
             break
-    return min((lo, hi), key=lambda k: abs(gmacs_at(k) - target))
+    under = [k for k in (lo, hi) if gmacs_at(k) <= target] if ceiling else []
+    return min(under or (lo, hi), key=lambda k: abs(gmacs_at(k) - target))
