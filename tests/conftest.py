@@ -37,6 +37,7 @@ TINY_REDUCER = {
     "vit_slim": ["reducer.search_epochs=1"],
     "dynamicvit": ["reducer.freeze_backbone_epochs=1"],
     "ats": ["reducer.num_tokens=null"],  # the presets' K = 108 is for 197 tokens; the tiny backbone has 65
+    "sit": ["reducer.allow_random_teacher=true"],  # the tiny backbone starts untrained and no teacher is given
 }
 
 

@@ -13,19 +13,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST
+from conftest import FAST, run_cli
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from tokred.backbones import CheckpointError, create_backbone, freeze, read_state_dict
 from tokred.cli.flops import measure
-from tokred.config import compose_config
+from tokred.cli import train as train_cli
+from tokred.config import ConfigError, compose_config, validate
 from tokred.data.synthetic import ShapesDataset
 from tokred.export import load_deployable
 from tokred.flops import counted_gmacs
 from tokred.reducers import reducer_config
 from tokred.reducers.sit import Config, SiT, TokenSlimming, forward_with_token_maps, stage_tokens
-from tokred.training.optim import build_optimizer, build_param_groups
+from tokred.training.optim import build_optimizer, build_param_groups, build_scheduler, step_scheduler
 from tokred.training.phases import load_phase
 from tokred.training.run import build_model, train
 
@@ -194,6 +195,46 @@ def test_a_missing_teacher_fails_when_training_starts_not_when_rebuilding(make_v
     model = sit(make_vit(), stage_blocks=[1, 1, 1, 1], teacher=str(tmp_path / "missing.ckpt"))
     with pytest.raises(CheckpointError, match="does not exist"):
         model.build_teacher()
+
+
+@pytest.mark.parametrize("fix", [None, "reducer.teacher=t.ckpt", "backbone.pretrained=true", "backbone.checkpoint=w.pth",
+                                 "reducer.allow_random_teacher=true"])
+def test_a_random_teacher_is_refused_in_one_line_unless_a_teacher_weights_or_the_opt_in_are_given(fix):
+    cfg = compose_config(["experiment=sit_deit_s", *([fix] if fix else [])])
+    if fix:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "randomly initialised teacher" in message
+    assert all(k in message for k in ("reducer.teacher=", "backbone.pretrained=true", "backbone.checkpoint=",
+                                      "reducer.allow_random_teacher=true"))
+    validate(compose_config(["reducer=sit"], "flops"))  # counting FLOPs trains nothing: no teacher needed
+
+
+def test_the_train_cli_refuses_a_random_teacher_before_writing_a_run(capsys, tmp_path):
+    code, _, err = run_cli(train_cli.main, capsys, "reducer=sit", f"paths.root={tmp_path}")
+    assert code == 2 and "reducer.allow_random_teacher=true" in err and len(err.strip().splitlines()) == 1
+    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]  # no run directory left behind
+
+
+def test_the_rtsms_follow_the_official_schedule_from_5x_the_lr_down_to_min_lr(make_vit):
+    # Official main.py adjust_learning_rate at the start of each of the 125 + 10 epochs: cos = (1 + cos(pi e/125))/2,
+    # RTSMs min + cos (5 lr - min), the rest min + cos (lr - min), both exactly min_lr from epoch 125 on.
+    cfg = compose_config(["experiment=sit_deit_s"])
+    optim, lr = dict(cfg.optim), 4e-4
+    model = sit(make_vit(), stage_blocks=[1, 1, 1, 1])
+    optimizer = build_optimizer(model, optim, lr)
+    scheduler = build_scheduler(optimizer, optim, int(cfg.trainer.max_epochs), 7)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    for epoch in range(135):
+        cos = 0.5 * (1 + math.cos(math.pi * epoch / 125))
+        rtsm, rest = (1e-5, 1e-5) if epoch >= 125 else (1e-5 + cos * (5 * lr - 1e-5), 1e-5 + cos * (lr - 1e-5))
+        assert groups["rtsm"]["lr"] == pytest.approx(rtsm, rel=1e-12), epoch
+        assert groups["decay"]["lr"] == groups["no_decay"]["lr"] == pytest.approx(rest, rel=1e-12), epoch
+        step_scheduler(scheduler, optim, epoch, 7 * (epoch + 1))
+    assert groups["rtsm"]["lr"] == 1e-5
 
 
 # ---------------------------------------------------------------- distillation

@@ -27,7 +27,7 @@ PAPER_PRESETS = ["evo_vit_deit_s", "sit_deit_s", "sit_deit_s_aggressive", "ps_vi
 TINY = ["backbone=deit_tiny_cpu", "dataset=synthetic", "trainer=cpu", "trainer.devices=1",
         "trainer.precision=32-true", "trainer.fast_dev_run=true", "backbone.pretrained=false",
         "dataset.train_size=32", "dataset.val_size=16", "dataset.batch_size=16", "dataset.num_workers=0",
-        "logger=csv"]
+        "logger=csv", "optim.cooldown_epochs=0"]  # one epoch leaves no room for SiT's 10 cooldown epochs
 # A multirun job of 2 steps of 8 images: trains in about a second.
 JOB = ["dataset.train_size=16", "dataset.val_size=8", "dataset.batch_size=8", "dataset.num_workers=0",
        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "logger=csv"]

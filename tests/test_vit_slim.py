@@ -14,7 +14,7 @@ from torch import nn
 
 from tokred.backbones import CheckpointError
 from tokred.cli.flops import measure
-from tokred.config import ConfigError, compose_config, validate
+from tokred.config import ConfigError, compose_config, conf_dir, validate
 from tokred.export import load_deployable, save_deployable
 from tokred.flops import count_params, counted_gmacs
 from tokred.reducers import create_reducer, reducer_config
@@ -275,6 +275,26 @@ def test_presets_compose_to_the_papers_recipe(preset, backbone, budget):
     assert (cfg.reducer.budget.attn, cfg.reducer.budget.mlp, cfg.reducer.budget.patch) == (budget, budget, 1.0)
     assert cfg.reducer.search_epochs == 50 and cfg.trainer.max_epochs == 300
     assert cfg.optim.lr == 5e-4 and cfg.optim.lr_batch == 512 and cfg.optim.weight_decay == 0.05
+
+
+@pytest.mark.parametrize("preset", ["vit_slim_deit_s", "vit_slim_deit_b"])
+def test_paper_presets_apply_the_official_effective_l1_on_the_devices_they_state_and_any_other(preset, make_vit):
+    from tokred.reducers.vit_slim import Config, effective_l1_weights
+
+    # The README's search: w = (2e-4, 5e-5, 1e-4) through search.py, which divides w by its 4 processes.
+    official = effective_l1_weights(Config(l1_weights=[2e-4, 5e-5, 1e-4], l1_divide_by_world_size=True), 4)
+    assert official == pytest.approx((5e-5, 1.25e-5, 2.5e-5))
+    cfg = compose_config([f"experiment={preset}"])
+    knobs = reducer_config(cfg.reducer)
+    assert "effective l1" in (conf_dir() / "experiment" / f"{preset}.yaml").read_text()
+    for devices in (int(cfg.trainer.devices), 4, 8):
+        assert effective_l1_weights(knobs, devices) == pytest.approx(official), devices
+    # ... and the search loss applies exactly those weights (one process here).
+    model = slim_reducer(make_vit(), l1_weights=list(knobs.l1_weights),
+                         l1_divide_by_world_size=knobs.l1_divide_by_world_size).train()
+    _, terms = model.losses(IMAGES, torch.tensor([0, 1, 2]), nn.functional.cross_entropy)
+    assert terms["l1_attn"].item() == pytest.approx(official[0] * model.mask_attn.abs().sum().item())
+    assert terms["l1_mlp"].item() == pytest.approx(official[1] * model.mask_mlp.abs().sum().item())
 
 
 def test_the_yaml_mirrors_the_config_defaults():

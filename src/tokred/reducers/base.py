@@ -78,8 +78,9 @@ class ParamGroup:
 
     name: str
     params: list[nn.Parameter]
-    lr_mult: float = 1.0
+    lr_mult: float = 1.0  # scales the group's whole LR schedule, min_lr and warm-up included (timm's lr_scale)
     weight_decay: float | None = None  # None: the run's weight decay
+    peak_lr_mult: float = 1.0  # the group's own schedule from this x the peak LR down to the common min_lr (SiT)
 
 
 @dataclass

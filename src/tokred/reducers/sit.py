@@ -58,7 +58,9 @@ class Config(ReducerConfig):
     token_weight: float = 2.0  # lambda_tok: weight of the mean-over-blocks token MSE
     kd_weight: float = 2.0  # lambda_log: weight of KL(teacher || student) on the logits
     kd_temperature: float = 1.0
-    rtsm_lr_mult: float = 5.0  # the RTSMs' learning rate relative to the rest
+    rtsm_lr_mult: float = 5.0  # the RTSMs' peak learning rate relative to the rest; all end at min_lr
+    # Train even when the teacher is a randomly initialised network (no teacher, no pretrained backbone): tests only.
+    allow_random_teacher: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,6 +79,21 @@ class Config(ReducerConfig):
         if self.teacher is not None and not self.teacher.strip():
             raise ValueError("reducer.teacher is empty; give a checkpoint path, or null to distil from the "
                              "student's initial weights")
+
+
+def check_teacher(cfg: Mapping[str, Any]) -> None:
+    """Refuse a SiT training config whose teacher would be randomly initialised: without ``reducer.teacher`` the
+    teacher is the student's starting backbone, which is random unless ``backbone.pretrained`` or
+    ``backbone.checkpoint`` gives it weights. Raises ValueError (the CLIs print it as one line)."""
+    reducer, backbone = cfg["reducer"], cfg["backbone"]
+    if reducer.get("name") != "sit" or reducer.get("teacher") or reducer.get("allow_random_teacher"):
+        return
+    if backbone.get("pretrained") or backbone.get("checkpoint"):
+        return
+    raise ValueError("reducer=sit would distil from a randomly initialised teacher (no reducer.teacher, "
+                     "backbone.pretrained=false, no backbone.checkpoint): pass reducer.teacher=<trained checkpoint>, "
+                     "or backbone.pretrained=true / backbone.checkpoint=<weights>, or set "
+                     "reducer.allow_random_teacher=true")
 
 
 def stage_tokens(n_patches: int, num_stages: int, keep_ratio: float) -> list[int]:
@@ -308,14 +325,12 @@ class SiT(TokenReducer):
         teacher = copy.deepcopy(self.vit)
         if self.cfg.teacher:
             load_backbone_checkpoint(teacher, self.cfg.teacher)
-        else:
-            log.warning("reducer.teacher is not set: distilling from the student's own initial weights "
-                        "(backbone.checkpoint / backbone.pretrained); a randomly initialised teacher teaches nothing")
         return teacher
 
     def param_groups(self) -> list[ParamGroup]:
         # All RTSM parameters, LayerNorms and biases included, are weight-decayed in the official code (§3).
-        return [ParamGroup("rtsm", list(self.rtsms.parameters()), lr_mult=self.cfg.rtsm_lr_mult)]
+        # The official schedule gives them their own cosine from rtsm_lr_mult x the LR down to the common min_lr.
+        return [ParamGroup("rtsm", list(self.rtsms.parameters()), peak_lr_mult=self.cfg.rtsm_lr_mult)]
 
     def losses(
         self,

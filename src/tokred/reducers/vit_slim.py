@@ -267,6 +267,15 @@ def _check_backbone(vit: nn.Module) -> None:
                                   "(dynamic_img_size=False)")
 
 
+def effective_l1_weights(cfg: Config, world_size: int) -> tuple[float, float, float]:
+    """(w1, w2, w3) as they act against the mean CE over the global batch on ``world_size`` processes: every rank adds
+    the same l1 term and DDP averages the gradients, so a per-rank weight is also the effective one; the official
+    search.py (``l1_divide_by_world_size``) divides the weights by the world size first."""
+    divisor = world_size if cfg.l1_divide_by_world_size else 1
+    w_attn, w_mlp, w_tok = (w / divisor for w in cfg.l1_weights)
+    return w_attn, w_mlp, w_tok
+
+
 @register_reducer
 class ViTSlim(TokenReducer):
     name = "vit_slim"
@@ -329,10 +338,8 @@ class ViTSlim(TokenReducer):
         terms = {"ce": criterion(logits, targets)}
         if self.slim:
             return logits, terms
-        divisor = 1.0
-        if self.cfg.l1_divide_by_world_size and torch.distributed.is_initialized():
-            divisor = float(torch.distributed.get_world_size())
-        w_attn, w_mlp, w_tok = (w / divisor for w in self.cfg.l1_weights)
+        world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        w_attn, w_mlp, w_tok = effective_l1_weights(self.cfg, world_size)
         terms["l1_attn"] = w_attn * self.mask_attn.abs().sum()  # plain sums over all blocks, as in the paper
         terms["l1_mlp"] = w_mlp * self.mask_mlp.abs().sum()
         terms["l1_tokens"] = w_tok * torch.tanh(self.mask_tokens).abs().sum()
