@@ -5,15 +5,20 @@ Layout of a run directory::
     checkpoints/<phase>/best.ckpt   best val/acc1 of the phase's fit (Lightning checkpoint)
     checkpoints/<phase>/last.ckpt   every ``checkpoint.every_n_train_steps`` steps and every epoch end
     phases/<phase>.pt               the model (tensors + structure + config) once the phase has finished
+    phases/<phase>/                 what a phase step that is no fit saves as it goes (a search's finished layers)
+    run_config.json                 the config, tokred's version and the identity of the inputs (see record_config)
 
 Every file is written atomically (temporary file + rename). A re-launched run skips finished phases, restores the
 last one's model, and resumes an interrupted fit from that phase's ``last.ckpt`` (or the ``.ckpt`` given as
-``ckpt_path``) at the same global step, with the optimizer and LR-scheduler state.
+``ckpt_path``) at the same global step, with the optimizer and LR-scheduler state; an interrupted search goes on from
+its saved progress.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -25,9 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from tokred.backbones import CheckpointError
@@ -282,12 +290,20 @@ def check_compatible(saved: Mapping[str, Any], meta: Mapping[str, Any], path: Pa
 
 # ------------------------------------------------------------------------------------------------ the run's config
 RUN_CONFIG = "run_config.json"
-# What may differ between a run and its resume: where things go and how they are logged, the hardware, and the
-# number of epochs (to extend a run). Anything else would make the run's record describe weights it did not train.
-MAY_CHANGE_ON_RESUME = ("ckpt_path", "paths", "logger", "checkpoint", "visualize", "sweep_name", "verbose", "threads",
-                        "trainer.max_epochs", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
-                        "trainer.strategy", "dataset.num_workers", "reducer.finetune_epochs",
-                        "reducer.retrain_epochs")
+RECORD = "_tokred"  # run_config.json's entry for what the config does not say (see record_config)
+# Keys that do not change what a run computes: where things go, how they are logged and drawn (the callbacks that
+# only save or watch; early stopping does change it), resume pointers, the re-launch policy, CPU threads and
+# data-loading processes.
+NO_EFFECT = ("ckpt_path", "paths", "logger", "checkpoint", "visualize", "sweep_name", "sweep", "verbose", "threads",
+             "dataset.num_workers", "callbacks.checkpoints", "callbacks.progress_bar", "callbacks.lr_monitor",
+             "callbacks.throughput_monitor")
+# What may differ between a run and its resume: the above, the hardware, and the number of epochs (to extend a run).
+# Anything else would make the run's record describe weights it did not train.
+MAY_CHANGE_ON_RESUME = (*NO_EFFECT, "trainer.max_epochs", "trainer.devices", "trainer.num_nodes",
+                        "trainer.accelerator", "trainer.strategy", "reducer.finetune_epochs", "reducer.retrain_epochs")
+# Compared by content rather than by path: the same file moved elsewhere is the same input, and another file written
+# over the old path is not.
+BY_CONTENT = ("backbone.checkpoint",)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -300,26 +316,226 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def record_config(cfg: DictConfig, run_dir: Path) -> None:
-    """Keep the config a run was started with (``run_config.json``); a resume is checked against it."""
-    atomic_write_json(run_dir / RUN_CONFIG, OmegaConf.to_container(cfg, resolve=True))
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in prefixes)
 
 
-def check_resumed_config(cfg: DictConfig, run_dir: Path) -> None:
+def _changed(was: Mapping[str, Any], now: Mapping[str, Any], ignored: tuple[str, ...]) -> list[str]:
+    """Flattened keys whose values differ, but for ``ignored`` keys and everything under them."""
+    return sorted(key for key in was.keys() | now.keys() if was.get(key) != now.get(key) and not _under(key, ignored))
+
+
+def _shown(was: Mapping[str, Any], now: Mapping[str, Any], keys: list[str]) -> str:
+    more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+    return ", ".join(f"{k}={json.dumps(was.get(k))} (now {json.dumps(now.get(k))})" for k in keys[:4]) + more
+
+
+def tokred_version() -> str:
+    return importlib.metadata.version("tokred")
+
+
+def file_identity(path: str | None, known: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """A file's path, size, modification time and SHA-256 (None without a path; ``sha256`` None when it is missing).
+
+    The hash is taken from ``known`` (the identity recorded earlier) while path, size and time are unchanged, so a
+    launch reads a large checkpoint again only after it changed or moved.
+    """
+    if not path:
+        return None
+    file = Path(path).expanduser().absolute()
+    try:
+        stat = file.stat()
+    except FileNotFoundError:
+        return {"path": str(file), "sha256": None}
+    where = {"path": str(file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if known and known.get("sha256") and all(known.get(k) == v for k, v in where.items()):
+        return {**where, "sha256": known["sha256"]}
+    with open(file, "rb") as f:
+        return {**where, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def dataset_identity(datamodule: ImageDataModule) -> dict[str, Any]:
+    """Per split, the number of images and a hash of their labels and (image folders) their paths relative to the
+    split's folder: the same data moved elsewhere keeps its identity; images added, removed, renamed or relabelled
+    change it. The pixels are not read (a whole dataset each launch); those of a built-in dataset follow its config."""
+    identity: dict[str, Any] = {"num_classes": datamodule.num_classes}
+    for split, data in (("train", datamodule.train_set), ("val", datamodule.val_set)):
+        digest = hashlib.sha256()
+        root = getattr(data, "root", None)
+        for path, label in getattr(data, "samples", ()):
+            digest.update(f"{os.path.relpath(path, root) if root else path}\t{label}\n".encode())
+        labels = getattr(data, "targets", getattr(data, "labels", None))
+        if labels is not None:
+            digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+        identity[split] = {"images": len(data), "sha256": digest.hexdigest()}
+    return identity
+
+
+def _stored(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(config, record) of ``run_dir``'s run_config.json; the record is empty for runs of tokred before it."""
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    return config, config.pop(RECORD, None) or {}
+
+
+def run_inputs(cfg: DictConfig, datamodule: ImageDataModule, run_dir: Path) -> dict[str, Any]:
+    """The identity of the run's inputs: the backbone checkpoint's content (:func:`file_identity`) and the dataset
+    (:func:`dataset_identity`)."""
+    stored = _stored(run_dir)
+    known = (stored[1].get("inputs") or {}).get("backbone.checkpoint") if stored else None
+    return {"backbone.checkpoint": file_identity(cfg.backbone.get("checkpoint"), known),
+            "dataset": dataset_identity(datamodule)}
+
+
+def config_hash(config: Mapping[str, Any], checkpoint: Mapping[str, Any] | None) -> str:
+    """Hash of what shapes a run's result: the resolved config but for :data:`NO_EFFECT`, with the backbone
+    checkpoint by content. The dataset is in it by its config (its files are only compared on a resume)."""
+    flat = {k: v for k, v in _flatten(config).items() if not _under(k, (*NO_EFFECT, *BY_CONTENT))}
+    payload = {"config": flat, "backbone.checkpoint": (checkpoint or {}).get("sha256")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def record_config(cfg: DictConfig, run_dir: Path, inputs: Mapping[str, Any]) -> None:
+    """Keep the config of the run's latest launch (``run_config.json``), with tokred's version, the config's hash
+    and the identity of the inputs (:func:`run_inputs`) under ``_tokred``: a resume is checked against them, and a
+    re-launch of the finished run compares its hash and version (:func:`finished_changes`)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    record = {"version": tokred_version(), "config_hash": config_hash(config, inputs.get("backbone.checkpoint")),
+              "inputs": dict(inputs)}
+    atomic_write_json(run_dir / RUN_CONFIG, {**config, RECORD: record})
+
+
+def _describe_checkpoint(was: Mapping[str, Any] | None, now: Mapping[str, Any] | None) -> str:
+    def one(identity: Mapping[str, Any] | None) -> str:
+        if identity is None:
+            return "none"
+        content = "missing" if identity["sha256"] is None else f"sha256 {identity['sha256'][:12]}"
+        return f"{identity['path']} ({content})"
+    return f"backbone.checkpoint {one(was)} (now {one(now)})"
+
+
+def _describe_dataset(was: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    def one(identity: Mapping[str, Any]) -> str:
+        return (f"{identity['num_classes']} classes, {identity['train']['images']} training and "
+                f"{identity['val']['images']} validation images")
+    same_counts = one(was) == one(now)
+    return f"a dataset of {one(was)} (now {'the same counts, but other files or labels' if same_counts else one(now)})"
+
+
+def check_resumed_config(cfg: DictConfig, run_dir: Path, inputs: Mapping[str, Any]) -> None:
     """Refuse to continue ``run_dir`` with settings other than the ones it was started with (besides
-    :data:`MAY_CHANGE_ON_RESUME`): its summary and export would describe weights it did not train."""
-    stored = run_dir / RUN_CONFIG
-    if not stored.is_file():
+    :data:`MAY_CHANGE_ON_RESUME`) or on other inputs (another backbone checkpoint, even at the same path, or other
+    dataset files; ``inputs`` from :func:`run_inputs`): its summary and export would describe weights it did not train.
+    """
+    stored = _stored(run_dir)
+    if stored is None:
         return
-    was = _flatten(json.loads(stored.read_text()))
-    now = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    changed = sorted(key for key in was.keys() | now.keys() if was.get(key) != now.get(key)
-                     and not any(key == k or key.startswith(k + ".") for k in MAY_CHANGE_ON_RESUME))
+    config, record = stored
+    recorded = record.get("inputs") or {}
+    was, now = _flatten(config), _flatten(OmegaConf.to_container(cfg, resolve=True))
+    # Runs recorded before inputs had an identity compare the checkpoint by path.
+    changed = _changed(was, now, (*MAY_CHANGE_ON_RESUME, *(BY_CONTENT if recorded else ())))
     if changed:
-        shown = ", ".join(f"{k}={json.dumps(was.get(k))} (now {json.dumps(now.get(k))})" for k in changed[:4])
-        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-        raise ConfigError(f"{run_dir} was trained with {shown}{more}; resume it with those settings, or drop ckpt_path "
-                          f"to start a new run (on resume only {', '.join(MAY_CHANGE_ON_RESUME)} may change)")
+        raise ConfigError(f"{run_dir} was trained with {_shown(was, now, changed)}; resume it with those settings, or "
+                          "drop ckpt_path to start a new run (on resume only "
+                          f"{', '.join(MAY_CHANGE_ON_RESUME)} may change)")
+    if not recorded:
+        return
+    differences = []
+    checkpoint_was, checkpoint_now = recorded.get("backbone.checkpoint"), inputs.get("backbone.checkpoint")
+    if (checkpoint_was or {}).get("sha256") != (checkpoint_now or {}).get("sha256"):
+        differences.append(_describe_checkpoint(checkpoint_was, checkpoint_now))
+    if recorded.get("dataset") not in (None, inputs.get("dataset")):
+        differences.append(_describe_dataset(recorded["dataset"], inputs["dataset"]))
+    if differences:
+        raise ConfigError(f"{run_dir} was trained on other inputs: {'; '.join(differences)}; restore them (a moved "
+                          "checkpoint may have a new path, not new content), or train into a new run directory "
+                          "(drop ckpt_path or hydra.run.dir)")
+
+
+def finished_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """What differs between the finished run in ``run_dir`` and a launch of ``cfg`` in its place, besides
+    :data:`NO_EFFECT`: config values, the backbone checkpoint's content, tokred's version. Empty: the stored result
+    is this launch's result."""
+    stored = _stored(run_dir)
+    if stored is None:
+        return [f"it has no {RUN_CONFIG} to compare with"]
+    config, record = stored
+    recorded = record.get("inputs") or {}
+    now_config = OmegaConf.to_container(cfg, resolve=True)
+    checkpoint = file_identity(cfg.backbone.get("checkpoint"), recorded.get("backbone.checkpoint"))
+    version = tokred_version()
+    if record.get("config_hash") == config_hash(now_config, checkpoint) and record.get("version") == version:
+        return []
+    was, now = _flatten(config), _flatten(now_config)
+    changes = [_shown(was, now, [key]) for key in _changed(was, now, (*NO_EFFECT, *(BY_CONTENT if recorded else ())))]
+    if recorded and (recorded.get("backbone.checkpoint") or {}).get("sha256") != (checkpoint or {}).get("sha256"):
+        changes.append(_describe_checkpoint(recorded.get("backbone.checkpoint"), checkpoint))
+    if record.get("version") != version:
+        changes.append(f"tokred {record.get('version', '(not recorded)')} (now {version})")
+    return changes
+
+
+RERUN = ("never", "changed")  # sweep.rerun: what a re-launch does with a finished run whose config has changed
+
+
+def rerun_policy(cfg: DictConfig) -> str:
+    rerun = str(OmegaConf.select(cfg, "sweep.rerun", default="never"))
+    if rerun not in RERUN:
+        raise ConfigError(f"sweep.rerun={rerun!r}; choose one of: {', '.join(RERUN)}")
+    return rerun
+
+
+def finished_result(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """For a launch into ``run_dir`` that holds a finished run (a re-launched multirun job, whose directory derives
+    from its overrides): the stored summary when nothing that shapes it changed (:func:`finished_changes`); else
+    under ``sweep.rerun=never`` the stored summary with ``stale`` listing the changes, and under ``changed`` None:
+    the run trains again, its earlier results moved aside by :func:`set_aside`. None too when nothing finished."""
+    finished = run_dir / "summary.json"
+    summary = json.loads(finished.read_text()) if finished.is_file() else {}
+    if not summary or "failed_steps" in summary:
+        return None
+    changes = finished_changes(cfg, run_dir)
+    if not changes:
+        log.info("%s exists: run finished earlier, nothing to do (delete %s to train it again)", finished, run_dir)
+        return summary
+    if rerun_policy(cfg) == "never":
+        log.warning("%s finished earlier, but since then %s: returning its stored result marked stale (train it "
+                    "again with sweep.rerun=changed, which keeps the earlier results beside it)", run_dir,
+                    "; ".join(changes))
+        return {**summary, "stale": changes}
+    if rank_zero_only.rank == 0:  # the other ranks of a DDP job train in the directory rank 0 starts anew
+        old = set_aside(run_dir)
+        log.warning("%s finished earlier, but since then %s: training it again (sweep.rerun=changed); the earlier "
+                    "results are in %s", run_dir, "; ".join(changes), old)
+    return None
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move ``run_dir`` to ``<run_dir>.old-<time>`` in one rename (its results are never deleted, nor split between
+    two places) and start it anew. What this launch has written there already comes back: Hydra's copy of this
+    launch's config (the files directly in its output subdirectory; earlier resumes' copies stay with the old run),
+    and the log goes on in a new file."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    old, n = run_dir.with_name(f"{run_dir.name}.old-{stamp}"), 1
+    while old.exists():
+        old, n = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{n}"), n + 1
+    os.rename(run_dir, old)
+    run_dir.mkdir()
+    subdir = HydraConfig.get().output_subdir if HydraConfig.initialized() else None
+    if subdir and (old / subdir).is_dir():
+        (run_dir / subdir).mkdir(parents=True)
+        for file in (old / subdir).iterdir():
+            if file.is_file():
+                os.rename(file, run_dir / subdir / file.name)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.absolute():
+            previous = handler.setStream(open(handler.baseFilename, handler.mode, encoding=handler.encoding))
+            if previous is not None:
+                previous.close()
+    return old
 
 
 # ------------------------------------------------------------------------------------------------ ownership
@@ -374,35 +590,41 @@ def _alive(pid: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ resume targets
+def _saved_progress(run_dir: Path) -> list[Path]:
+    """What a run can go on from: fits' checkpoints, finished phases' snapshots, and whatever a phase step that is no
+    fit saved under ``phases/<phase>/`` as it went (a search's finished layers)."""
+    return [f for f in (*run_dir.glob("checkpoints/*/*.ckpt"), *run_dir.glob("phases/**/*")) if f.is_file()]
+
+
 def _has_checkpoints(run_dir: Path) -> bool:
-    return any(run_dir.glob("checkpoints/*/*.ckpt")) or any(run_dir.glob("phases/*.pt"))
+    return bool(_saved_progress(run_dir))
 
 
 def _newest_checkpoint_time(run_dir: Path) -> float:
-    files = [*run_dir.glob("checkpoints/*/*.ckpt"), *run_dir.glob("phases/*.pt")]
-    return max((f.stat().st_mtime for f in files), default=0.0)
+    return max((f.stat().st_mtime for f in _saved_progress(run_dir)), default=0.0)
 
 
 def find_resume(ckpt_path: str | None, runs_root: Path) -> tuple[Path | None, Path | None]:
     """``ckpt_path`` -> (run directory to continue, or None for a new one; explicit ``.ckpt`` file or None).
 
-    ``last``: the run under ``runs_root`` (the directory holding this config's runs) that wrote a checkpoint most
-    recently. A run directory: continue it. A ``.ckpt`` inside a run's ``checkpoints/<phase>/``: continue that run
-    from that file. Any other ``.ckpt``: a new run whose first fit starts from it.
+    ``last``: the run under ``runs_root`` (the directory holding this config's runs) that saved progress (a
+    checkpoint, a phase snapshot, a search's finished layer) most recently. A run directory: continue it. A ``.ckpt``
+    inside a run's ``checkpoints/<phase>/``: continue that run from that file. Any other ``.ckpt``: a new run whose
+    first fit starts from it.
     """
     if ckpt_path in (None, "", "null"):
         return None, None
     if ckpt_path == "last":
         runs = [d for d in runs_root.iterdir() if d.is_dir() and _has_checkpoints(d)] if runs_root.is_dir() else []
         if not runs:
-            raise ConfigError(f"ckpt_path=last: no run under {runs_root} has a checkpoint yet; drop ckpt_path to "
+            raise ConfigError(f"ckpt_path=last: no run under {runs_root} has saved progress yet; drop ckpt_path to "
                               "start a new run, or pass ckpt_path=<run dir or .ckpt file>")
         return max(runs, key=_newest_checkpoint_time), None
     path = Path(ckpt_path).expanduser().resolve()
     if path.is_dir():
         if not _has_checkpoints(path):
-            raise ConfigError(f"ckpt_path={path} has no checkpoints/<phase>/*.ckpt or phases/*.pt; pass a run "
-                              "directory of tokred-train, a .ckpt file, or ckpt_path=last")
+            raise ConfigError(f"ckpt_path={path} has no saved progress (checkpoints/<phase>/*.ckpt, phases/); pass "
+                              "a run directory of tokred-train, a .ckpt file, or ckpt_path=last")
         return path, None
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist; pass a run directory, a .ckpt file or ckpt_path=last")
