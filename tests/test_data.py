@@ -87,9 +87,9 @@ def test_synthetic_rejects_pil_augmentations():
 # ------------------------------------------------------------------------------------------------ CIFAR
 def test_cifar10_reads_torchvisions_pickled_batches(tmp_path):
     cfg = dataset_cfg("dataset=cifar10", f"dataset.root={write_cifar(tmp_path)}", "dataset.verify=false",
-                      "dataset.batch_size=4", "dataset.num_workers=0")
+                      "dataset.batch_size=4", "dataset.num_workers=0", "dataset.val_size=4")
     dm = build_datamodule(cfg)
-    assert dm.num_classes == 10 and len(dm.train_set) == 20 and len(dm.val_set) == 4
+    assert dm.num_classes == 10 and len(dm.train_set) == 16 and len(dm.val_set) == 4 and len(dm.test_set) == 4
     images, labels = next(iter(dm.train_dataloader()))
     assert images.shape == (4, 3, 64, 64) and images.dtype == torch.float32 and labels.max() < 10
     first = dm.val_set[0][0]
@@ -98,9 +98,10 @@ def test_cifar10_reads_torchvisions_pickled_batches(tmp_path):
 
 
 def test_cifar100_uses_the_fine_labels(tmp_path):
-    cfg = dataset_cfg("dataset=cifar100", f"dataset.root={write_cifar(tmp_path, hundred=True)}", "dataset.verify=false")
+    cfg = dataset_cfg("dataset=cifar100", f"dataset.root={write_cifar(tmp_path, hundred=True)}", "dataset.verify=false",
+                      "dataset.val_size=2")
     dm = build_datamodule(cfg)
-    assert dm.num_classes == 100 and sorted({y for _, y in dm.val_set}) == [4, 5, 6, 7]
+    assert dm.num_classes == 100 and sorted({y for _, y in dm.test_set}) == [4, 5, 6, 7]
 
 
 def test_missing_cifar_root_says_how_to_get_the_data(tmp_path):
@@ -226,6 +227,7 @@ def test_mixup_cutmix_give_soft_smoothed_targets():
 
 def test_repeated_augmentation_uses_timms_sampler(tmp_path):
     cfg = dataset_cfg("dataset=cifar10", f"dataset.root={write_cifar(tmp_path)}", "dataset.verify=false",
-                      "dataset.aug.repeated_aug=true", "dataset.batch_size=2", "dataset.num_workers=0")
+                      "dataset.aug.repeated_aug=true", "dataset.batch_size=2", "dataset.num_workers=0",
+                      "dataset.val_size=4")
     loader = build_datamodule(cfg).train_dataloader()
     assert isinstance(loader.sampler, RepeatAugSampler) and loader.sampler.num_repeats == 3

@@ -1,4 +1,7 @@
-"""One DataModule for every image-classification source; sources differ only in how they build their splits."""
+"""One DataModule for every image-classification source; sources differ only in how they build their splits.
+
+Model selection (best checkpoint, early stopping) uses the validation split; a dataset that has a held-out test split
+(the built-in one, CIFAR, an image folder with ``test/``) is scored on it once, after training."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from tokred.data.errors import DatasetError
-from tokred.data.files import cifar, image_folder
+from tokred.data.files import Splits, cifar, image_folder
 from tokred.data.synthetic import ShapesDataset
 from tokred.data.transforms import PIL_AUG_KEYS
 
@@ -22,7 +25,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _synthetic(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset, int]:
+def _synthetic(cfg: Mapping[str, Any]) -> Splits:
     aug = cfg.get("aug") or {}
     unsupported = [k for k in PIL_AUG_KEYS if aug.get(k)]
     if unsupported:
@@ -31,12 +34,17 @@ def _synthetic(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset, int]:
     norm = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     hflip = float(aug.get("hflip", 0.5))
     train_tf = v2.Compose([v2.RandomHorizontalFlip(hflip), norm]) if hflip > 0 else norm
-    make = lambda split, size, tf: ShapesDataset(size, cfg["img_size"], cfg["num_classes"], cfg["seed"], split, tf)
-    return make("train", cfg["train_size"], train_tf), make("val", cfg["val_size"], norm), cfg["num_classes"]
+
+    def make(split: str, size: int, transform: Callable) -> ShapesDataset:
+        return ShapesDataset(size, cfg["img_size"], cfg["num_classes"], cfg["seed"], split, transform)
+
+    test_size = int(cfg.get("test_size") or 0)  # each split is drawn from its own random stream: disjoint
+    return Splits(make("train", cfg["train_size"], train_tf), make("val", cfg["val_size"], norm),
+                  make("test", test_size, norm) if test_size else None, cfg["num_classes"])
 
 
-# dataset.source (default: dataset.name) -> builder of (train split, val split, number of classes).
-DATASETS: dict[str, Callable[[Mapping[str, Any]], tuple[Dataset, Dataset, int]]] = {
+# dataset.source (default: dataset.name) -> builder of its splits.
+DATASETS: dict[str, Callable[[Mapping[str, Any]], Splits]] = {
     "synthetic": _synthetic,
     "cifar10": cifar,
     "cifar100": cifar,
@@ -45,7 +53,7 @@ DATASETS: dict[str, Callable[[Mapping[str, Any]], tuple[Dataset, Dataset, int]]]
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Train/val loaders over datasets built lazily by ``DATASETS[cfg.name]``.
+    """Train/val/test loaders over datasets built lazily by ``DATASETS[cfg.name]``.
 
     Samplers are Lightning's (distributed when the trainer is) unless ``aug.repeated_aug`` is set: then timm's
     RepeatAugSampler shards the training set itself, and the trainer must run with ``use_distributed_sampler=False``
@@ -55,28 +63,29 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__()
         self.cfg = cfg
-        self._train: Dataset | None = None
-        self._val: Dataset | None = None
-        self._num_classes: int | None = None
+        self._splits: Splits | None = None
 
-    def _build(self) -> None:
-        if self._train is None:
-            self._train, self._val, self._num_classes = DATASETS[source(self.cfg)](self.cfg)
+    def _build(self) -> Splits:
+        if self._splits is None:
+            self._splits = DATASETS[source(self.cfg)](self.cfg)
+        return self._splits
 
     @property
     def num_classes(self) -> int:
-        self._build()
-        return self._num_classes
+        return self._build().num_classes
 
     @property
     def train_set(self) -> Dataset:
-        self._build()
-        return self._train
+        return self._build().train
 
     @property
     def val_set(self) -> Dataset:
-        self._build()
-        return self._val
+        return self._build().val
+
+    @property
+    def test_set(self) -> Dataset | None:
+        """The held-out test split, or None for a dataset without one."""
+        return self._build().test
 
     @property
     def train_set_for_eval(self) -> Dataset:
@@ -111,11 +120,19 @@ class ImageDataModule(L.LightningDataModule):
         repeats = int(self.cfg["aug"].get("repeats", 3))
         return self._loader(self.train_set, True, RepeatAugSampler(self.train_set, replicas, rank, num_repeats=repeats))
 
-    def val_dataloader(self) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
         replicas, rank = self._world()
         if uses_own_sampler(self.cfg) and replicas > 1:
-            return self._loader(self.val_set, False, DistributedSampler(self.val_set, replicas, rank, shuffle=False))
-        return self._loader(self.val_set, train=False)
+            return self._loader(dataset, False, DistributedSampler(dataset, replicas, rank, shuffle=False))
+        return self._loader(dataset, train=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            raise DatasetError(f"dataset {self.cfg.get('name')} has no test split; score its validation split instead")
+        return self._eval_loader(self.test_set)
 
 
 def uses_own_sampler(cfg: Mapping[str, Any]) -> bool:

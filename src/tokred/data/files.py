@@ -3,14 +3,19 @@ ImageNet-style ImageFolders.
 
 Nothing downloads unless ``dataset.download=true`` (CIFAR only). Every problem with the files on disk is reported as
 a one-line :class:`DatasetError` that says how to get or fix the data.
+
+Splits: CIFAR validates on ``dataset.val_size`` images held out of its training batches and tests on its official test
+batch; an image folder validates on ``val/`` and tests on ``test/`` when there is one.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
@@ -22,6 +27,18 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tokred.data.errors import DatasetError
 from tokred.data.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+class Splits(NamedTuple):
+    """What a dataset builder returns: model selection uses ``val``; ``test`` (None: the dataset has none) is only
+    scored once, after training."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset | None
+    num_classes: int
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -64,12 +81,30 @@ class CifarBatches(Dataset):
         image = Image.fromarray(self.data[index])
         return (self.transform(image) if self.transform else image), self.targets[index]
 
+    def subset(self, indices: np.ndarray, transform: Callable | None) -> "CifarBatches":
+        """The images at ``indices`` (in that order) under ``transform``."""
+        part = copy.copy(self)
+        part.data = self.data[indices]
+        part.targets = [self.targets[i] for i in indices]
+        part.transform = transform
+        return part
+
+
+def hold_out(num_images: int, val_size: int, title: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, val indices): ``val_size`` of ``num_images`` drawn by a fixed seed, so every run validates on
+    the same images; both sorted."""
+    if not 0 < val_size < num_images:
+        raise DatasetError(f"dataset.val_size={val_size}: {title} holds {num_images} training images, of which "
+                           f"validation takes 1 to {num_images - 1}; set dataset.val_size in that range")
+    order = np.random.default_rng(0).permutation(num_images)
+    return np.sort(order[val_size:]), np.sort(order[:val_size])
+
 
 # torchvision's classes supply the published layout, download address and checksums; they never read a batch here.
 CIFAR = {"cifar10": (CIFAR10, "labels", "CIFAR-10"), "cifar100": (CIFAR100, "fine_labels", "CIFAR-100")}
 
 
-def cifar(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset, int]:
+def cifar(cfg: Mapping[str, Any]) -> Splits:
     spec, label_key, title = CIFAR[cfg["name"]]
     root = Path(cfg["root"]).expanduser()
     folder = root / spec.base_folder
@@ -90,8 +125,8 @@ def cifar(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset, int]:
                 "the folder and re-download it with dataset.download=true, or set dataset.verify=false for a "
                 "re-packed copy"
             )
-        train = CifarBatches(folder, [n for n, _ in spec.train_list], spec.meta, label_key, train_transform(cfg))
-        val = CifarBatches(folder, [n for n, _ in spec.test_list], spec.meta, label_key, eval_transform(cfg))
+        official_train = CifarBatches(folder, [n for n, _ in spec.train_list], spec.meta, label_key, None)
+        test = CifarBatches(folder, [n for n, _ in spec.test_list], spec.meta, label_key, eval_transform(cfg))
     except OSError as err:  # a failed download (no network) or an unreadable batch file
         raise DatasetError(
             f"cannot get {title} into {root} ({type(err).__name__}: {err}); download {spec.url} yourself and "
@@ -103,7 +138,9 @@ def cifar(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset, int]:
             f"{str(err).splitlines()[0] if str(err) else ''}); delete the folder and re-download it with "
             "dataset.download=true"
         ) from None
-    return train, val, len(train.classes)
+    train_idx, val_idx = hold_out(len(official_train), int(cfg["val_size"]), title)
+    train = official_train.subset(train_idx, train_transform(cfg))
+    return Splits(train, official_train.subset(val_idx, eval_transform(cfg)), test, len(train.classes))
 
 
 def load_image(path: str) -> Image.Image:
@@ -132,7 +169,7 @@ class _Folder(ImageFolder):
         if extra:
             raise DatasetError(
                 f"{directory} has class folders that train/ lacks ({', '.join(extra[:5])}); "
-                "train/ and val/ must use the same class folder names"
+                "every split must use train/'s class folder names"
             )
         return self._given, {name: i for i, name in enumerate(self._given)}
 
@@ -163,7 +200,7 @@ def _split(root: Path, split: str, classes: list[str] | None, transform: Any, ch
     return folder
 
 
-def image_folder(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset, int]:
+def image_folder(cfg: Mapping[str, Any]) -> Splits:
     root = Path(cfg["root"]).expanduser()
     if not root.is_dir():
         raise DatasetError(
@@ -174,10 +211,13 @@ def image_folder(cfg: Mapping[str, Any]) -> tuple[Dataset, Dataset, int]:
     check = bool(cfg.get("check_empty", True))
     train = _split(root, "train", None, train_transform(cfg), check)
     val = _split(root, "val", train.classes, eval_transform(cfg), check)
+    test = _split(root, "test", train.classes, eval_transform(cfg), check) if (root / "test").is_dir() else None
+    if test is None:
+        log.info("%s has no test/ folder: no test split (test/<class>/<image> would add one)", root)
     expected = cfg.get("num_classes")
     if expected is not None and int(expected) != len(train.classes):
         raise DatasetError(
             f"dataset.num_classes={expected} but {root / 'train'} has {len(train.classes)} class folders; fix the "
             "folders or set dataset.num_classes=null to use what is there"
         )
-    return train, val, len(train.classes)
+    return Splits(train, val, test, len(train.classes))

@@ -1,13 +1,15 @@
-"""The run's logger (``logger=wandb``, the default, or ``logger=csv``), shared by every phase of a run.
+"""The run's logger (the ``logger`` config group, conf/logger/: wandb, the default, csv, tensorboard, mlflow, or any
+Lightning logger named by ``_target_``), shared by every phase of a run.
 
-Each phase is its own Lightning fit, whose global step starts at 0; the loggers here add the steps of the phases
-before it, so one run's curves stay monotonic. A resumed run appends to its CSV and continues its wandb run.
-Lightning already restricts logging to rank 0.
+Each phase is its own Lightning fit, whose global step starts at 0; every logger built here adds the steps of the
+phases before it (:class:`RunLogger`), so one run's curves stay monotonic. A resumed run appends to its CSV and
+continues its wandb run. Lightning already restricts logging to rank 0.
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import netrc
 import os
 import secrets
@@ -15,22 +17,32 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
+from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from tokred.config import ConfigError
+from tokred.config import ConfigError, group_choices
 from tokred.io import atomic_write
+from tokred.training.callbacks import instantiated
 
 
-class _PhaseSteps:
-    """Mixin: logged step = Lightning's per-fit global step + ``step_offset`` (the steps of finished phases)."""
+class RunLogger:
+    """Mixin for any Lightning logger: logged step = Lightning's per-fit global step + ``step_offset`` (the steps of
+    finished phases); ``location()`` and ``finish()`` for the run's summary."""
 
     step_offset: int = 0
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         super().log_metrics(metrics, None if step is None else step + self.step_offset)
+
+    def location(self) -> str:
+        return f"{type(self).__name__} logs: {getattr(self, 'log_dir', None) or self.save_dir}"
+
+    @rank_zero_only
+    def finish(self, summary: Mapping[str, Any]) -> None:
+        self.finalize("success")
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -42,7 +54,7 @@ class _AppendingWriter(ExperimentWriter):
                 self.metrics_keys = next(csv.reader(f), [])
 
 
-class RunCSVLogger(_PhaseSteps, CSVLogger):
+class RunCSVLogger(RunLogger, CSVLogger):
     """Metrics in ``<run_dir>/csv/metrics.csv``, the config in ``hparams.yaml`` next to it."""
 
     @property
@@ -61,8 +73,17 @@ class RunCSVLogger(_PhaseSteps, CSVLogger):
         return f"CSV logs: {Path(self.log_dir) / 'metrics.csv'}"
 
 
-class RunWandbLogger(_PhaseSteps, WandbLogger):
-    """A wandb run under ``<run_dir>/wandb``; the final summary holds the run's headline numbers."""
+class RunWandbLogger(RunLogger, WandbLogger):
+    """A wandb run under ``<save_dir>/wandb``; the final summary holds the run's headline numbers. ``mode``: see
+    :func:`wandb_mode`; ``name`` defaults to the run directory's name, ``id`` to the run directory's wandb id."""
+
+    def __init__(self, save_dir: str, mode: str = "auto", name: str | None = None, id: str | None = None,
+                 **kwargs: Any) -> None:
+        mode = wandb_mode(mode)
+        if mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"logger.mode={mode!r}; choose one of: auto, online, offline, disabled")
+        super().__init__(save_dir=save_dir, mode=mode, name=name or Path(save_dir).name,
+                         id=id or _wandb_run_id(Path(save_dir)), **kwargs)
 
     @rank_zero_only
     def finish(self, summary: Mapping[str, Any]) -> None:
@@ -114,19 +135,35 @@ def _wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
+_RUN_LOGGER_CLASSES: dict[type, type] = {}
+
+
+def run_logger_class(cls: type[Logger]) -> type[Logger]:
+    """``cls`` with :class:`RunLogger` mixed in (a subclass of the same name), or ``cls`` when it has it already."""
+    if issubclass(cls, RunLogger):
+        return cls
+    if cls not in _RUN_LOGGER_CLASSES:
+        _RUN_LOGGER_CLASSES[cls] = type(cls.__name__, (RunLogger, cls), {"__module__": cls.__module__})
+    return _RUN_LOGGER_CLASSES[cls]
+
+
 def build_logger(cfg: Mapping[str, Any] | None, run_dir: Path) -> Logger | None:
-    """The logger ``cfg`` (``cfg.logger``) asks for, or None for ``logger=null``."""
+    """The logger ``cfg`` (``cfg.logger``) names by ``_target_``, or None for ``logger=null``.
+
+    Built with Hydra's instantiate, with :class:`RunLogger` mixed into classes that lack it (Lightning's own, a
+    user's), so a logger added as a YAML file alone keeps one step axis across phases. A logger that takes a
+    ``save_dir`` gets it relative to ``run_dir`` (default: ``run_dir`` itself), which is only known once the run (or
+    its resume) has its directory.
+    """
     if not cfg:
         return None
-    if cfg["name"] == "csv":
-        return RunCSVLogger(run_dir, name="csv", version="")
-    if cfg["name"] == "wandb":
-        mode = wandb_mode(cfg.get("mode", "auto"))
-        if mode not in ("online", "offline", "disabled"):
-            raise ConfigError(f"logger.mode={mode!r}; choose one of: auto, online, offline, disabled")
-        return RunWandbLogger(
-            name=cfg.get("run_name") or run_dir.name, save_dir=str(run_dir), id=_wandb_run_id(run_dir),
-            project=cfg.get("project"), entity=cfg.get("entity"), group=cfg.get("group"),
-            tags=list(cfg.get("tags") or []), job_type=cfg.get("job_type"), mode=mode, log_model=False,
-        )
-    raise ConfigError(f"logger.name={cfg['name']!r}; choose one of: wandb, csv")
+    if "_target_" not in cfg:
+        raise ConfigError(f"logger has no _target_; choose logger=<one of: {', '.join(group_choices('logger'))}> or "
+                          "logger=null, or give logger._target_=<a Lightning Logger class>")
+    factory = instantiated("logger", lambda: instantiate(cfg, _partial_=True, _convert_="all"))
+    if not (isinstance(factory.func, type) and issubclass(factory.func, Logger)):
+        raise ConfigError(f"logger._target_={cfg['_target_']} is not a Lightning Logger class")
+    kwargs = dict(factory.keywords)
+    if "save_dir" in inspect.signature(factory.func).parameters:
+        kwargs["save_dir"] = str(Path(run_dir) / str(kwargs.get("save_dir") or ""))
+    return instantiated("logger", lambda: run_logger_class(factory.func)(*factory.args, **kwargs))
