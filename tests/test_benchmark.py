@@ -204,6 +204,28 @@ def test_a_report_on_other_runs_keeps_the_earlier_rows(runs, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_report_skips_runs_set_aside_by_a_rerun(tmp_path, capsys):
+    write_run(tmp_path / "runs" / "sit" / "r0.5", "sit", 0.5, 0.86, export=False)
+    write_run(tmp_path / "runs" / "sit" / "r0.5.old-2026-12-02_10-00-00", "sit", 0.5, 0.70, export=False)
+    report_cli.main([f"runs_dir={tmp_path / 'runs'}", f"out_dir={tmp_path / 'results'}", "machine=test", "speed=false"])
+    rows = json.loads((tmp_path / "results" / "test" / "compare.json").read_text())["rows"]
+    assert [r["top1"] for r in rows] == [86.0]
+    capsys.readouterr()
+
+
+def test_report_prefers_the_held_out_test_split(tmp_path, capsys):
+    write_run(tmp_path / "runs" / "sit", "sit", 0.5, 0.86, export=False)
+    summary = json.loads((tmp_path / "runs" / "sit" / "summary.json").read_text())
+    (tmp_path / "runs" / "sit" / "summary.json").write_text(json.dumps(summary | {"test/acc1": 0.81, "test/acc5": 0.9}))
+    write_run(tmp_path / "runs" / "evo_vit", "evo_vit", 0.5, 0.84, export=False)
+    report_cli.main([f"runs_dir={tmp_path / 'runs'}", f"out_dir={tmp_path / 'results'}", "machine=test", "speed=false"])
+    rows = {r["reducer"]: r for r in json.loads((tmp_path / "results" / "test" / "compare.json").read_text())["rows"]}
+    assert (rows["sit"]["top1"], rows["sit"]["top5"], rows["sit"]["split"]) == (81.0, 90.0, "test")
+    assert (rows["evo_vit"]["top1"], rows["evo_vit"]["split"]) == (84.0, "val")
+    assert "| 90.00 | test |" in (tmp_path / "results" / "test" / "compare.md").read_text()
+    capsys.readouterr()
+
+
 def test_report_logs_wandb_table_offline(runs, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

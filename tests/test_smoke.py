@@ -1,5 +1,6 @@
 """Every registered reducer end to end through the installed console scripts, as a fresh install runs them:
-``tokred-flops``, a one-epoch ``tokred-train`` (every phase of the method), ``tokred-eval`` of the run and one
+``tokred-flops``, a one-epoch ``tokred-train`` (every phase of the method), Lightning's ``load_from_checkpoint`` of
+its last checkpoint, ``tokred-eval`` of the run and one
 ``tokred-benchmark`` row. ``make test-oldest`` runs these (marker ``smoke``) on the oldest supported versions."""
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FAST, TINY_REDUCER
 
+import tokred
 from tokred.reducers import available_reducers
+from tokred.training.module import TokredModule
 
 SCRIPTS = Path(sys.executable).parent
 # What tokred-eval must share with the run to see the same validation images.
@@ -41,6 +45,12 @@ def test_every_reducer_runs_end_to_end_from_the_console_scripts(reducer, tmp_pat
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "failed_steps" not in summary and list((run_dir / "token_maps").glob("*.png"))
     assert summary["model/gmacs_counted"] == pytest.approx(summary["model/gmacs"], rel=0.02)
+
+    # Lightning's own loader rebuilds every reducer (searched structure included) from the checkpoint alone.
+    last = max(run_dir.glob("checkpoints/*/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    loaded = TokredModule.load_from_checkpoint(last, map_location="cpu").model.deployable()
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(images), tokred.load(run_dir / "export")(images), atol=1e-5, rtol=1e-4)
 
     evaluated = last_json(run("tokred-eval", f"ckpt_path={run_dir}", *EVAL, f"hydra.run.dir={tmp_path / 'eval'}"))
     assert evaluated["val/acc1"] == pytest.approx(summary["val/acc1"])

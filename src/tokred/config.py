@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tokred.reducers import reducer_config
 from tokred.reducers.sit import check_teacher
 
-GROUPS = ("backbone", "reducer", "dataset", "optim", "trainer", "logger", "experiment")
+GROUPS = ("backbone", "reducer", "dataset", "optim", "trainer", "logger", "callbacks", "experiment")
 MAX_DIRNAME = 200  # under the 255-byte name limit of common filesystems
 
 
@@ -60,6 +60,13 @@ def group_choices(group: str) -> list[str]:
 
 class ConfigError(ValueError):
     """A bad config value; the message names the key, the value and the valid choices or range."""
+
+
+def null_groups(overrides: Sequence[str]) -> list[str]:
+    """``logger=null`` / ``callbacks=null`` as Hydra spells "no entry from this group" (``~logger``): Hydra itself
+    refuses ``<group>=null`` on the command line."""
+    return [f"~{o.split('=', 1)[0]}" if re.fullmatch(r"\w+=null", o) and o.split("=", 1)[0] in GROUPS else o
+            for o in overrides]
 
 
 def check_group_overrides(overrides: Sequence[str]) -> None:
@@ -133,6 +140,7 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train") ->
     naming the closest valid keys, and a value of the wrong type for any key (``trainer.max_epochs=abc``) is refused
     naming the key, before anything runs.
     """
+    overrides = null_groups(overrides)
     check_group_overrides(overrides)
     values = _value_overrides(overrides)
     try:

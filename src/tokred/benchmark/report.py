@@ -30,7 +30,7 @@ REQUIRED = ("backbone", "reducer", "model/gmacs", "val/acc1")
 
 COLUMNS = [
     "backbone", "dataset", "reducer", "point", "kind", "target_ratio", "params_m", "gmacs", "gmacs_counted",
-    "gmacs_ratio", "top1", "top5", "pareto_gmacs", "throughput", "throughput_iqr_pct", "speedup", "latency_ms",
+    "gmacs_ratio", "top1", "top5", "split", "pareto_gmacs", "throughput", "throughput_iqr_pct", "speedup", "latency_ms",
     "peak_mem_mb", "pareto_throughput", "knobs", "degenerate", "run_dir", "measured", "machine", "device_name", "threads", "torch", "timm",
     "batch_size", "precision", "compile",
 ]
@@ -68,7 +68,9 @@ def _load(path: Path, runs_dir: Path) -> dict[str, Any]:
         raise ReportError(f"{path} lacks {', '.join(missing)}, so it is no finished tokred-train summary; re-run that "
                           f"run (tokred-train resumes it) or move it out of {runs_dir}")
     knobs = data.get("reducer_knobs") or {}
-    acc5 = data.get("val/acc5")
+    # The held-out test split where the run has one (the best checkpoint was chosen on validation), else validation.
+    split = "test" if data.get("test/acc1") is not None else "val"
+    acc5 = data.get(f"{split}/acc5")
     return {
         "backbone": data["backbone"],
         "dataset": data.get("dataset"),
@@ -79,8 +81,9 @@ def _load(path: Path, runs_dir: Path) -> dict[str, Any]:
         "params_m": data.get("model/params_m"),
         "gmacs": float(data["model/gmacs"]),
         "gmacs_counted": data.get("model/gmacs_counted"),
-        "top1": round(100 * float(data["val/acc1"]), 2),
+        "top1": round(100 * float(data[f"{split}/acc1"]), 2),
         "top5": None if acc5 is None else round(100 * float(acc5), 2),
+        "split": split,
         "knobs": json.dumps(knobs, default=str),
         "degenerate": "; ".join(data.get("degenerate") or []),
         "run_dir": str(path.parent),  # where it is now; the summary's own run_dir may be another machine's path
@@ -101,7 +104,9 @@ def load_runs(runs_dir: Path, include_degenerate: bool = False) -> list[dict[str
     if not runs_dir.is_dir():
         raise ReportError(f"runs directory {runs_dir} does not exist; pass the directory `make compare` or "
                           "`tokred-train -m` wrote (e.g. multirun/compare)")
-    paths = sorted(runs_dir.rglob("summary.json"))
+    # <run>.old-<time>: a finished run that `sweep.rerun=changed` set aside before training the job again
+    paths = sorted(p for p in runs_dir.rglob("summary.json")
+                   if not any(".old-" in part for part in p.relative_to(runs_dir).parts))
     if not paths:
         raise ReportError(f"no summary.json under {runs_dir}; every finished tokred-train run writes "
                           "<run_dir>/summary.json: run `make compare` or tokred-train first, or pass their directory")
@@ -152,6 +157,7 @@ MD_COLUMNS: list[Column] = [
     ("GMACs ratio", lambda r: "–" if r["gmacs_ratio"] is None else f"{r['gmacs_ratio']:.2f}×"),
     ("top-1 (%)", lambda r: f"{r['top1']:.2f}" + (" ◆" if r["pareto_gmacs"] else "")),
     ("top-5 (%)", lambda r: fmt(r["top5"], ".2f")),
+    ("split", lambda r: r.get("split", "val")),
     ("img/s", lambda r: "–" if r.get("throughput") is None else
      f"{r['throughput']:.1f} ±{r['throughput_iqr_pct']:.0f}%" + (" ◆" if r["pareto_throughput"] else "")),
     ("speed-up", lambda r: "–" if r.get("speedup") is None else f"{r['speedup']:.2f}×"),
@@ -205,8 +211,9 @@ def write_report(rows: list[dict[str, Any]], runs_dir: Path, out: Path, name: st
     lines = [
         f"# tokred comparison: {', '.join(datasets)}",
         "",
-        f"{len(rows)} runs under `{runs_dir}`. Top-1/top-5: validation accuracy measured by tokred-train on "
-        f"{', '.join(datasets)} (not paper figures). GMACs: analytic, per image. ◆: on the Pareto front (top-1 vs "
+        f"{len(rows)} runs under `{runs_dir}`. Top-1/top-5: measured by tokred-train on "
+        f"{', '.join(datasets)} (not paper figures), on the held-out test split where the run has one, else on the "
+        f"validation split that also chose its checkpoint (column split). GMACs: analytic, per image. ◆: on the Pareto front (top-1 vs "
         f"GMACs, resp. vs throughput) of its backbone; ⚠ degenerate runs (no patch token left in some block, or chance-level "
         f"top-1) are left off the front unless include_degenerate=true. {speed_line} Regenerate: `{command}`.",
     ]
@@ -217,7 +224,8 @@ def write_report(rows: list[dict[str, Any]], runs_dir: Path, out: Path, name: st
     write_json(paths.json, {"runs_dir": str(runs_dir), "machine": machine, "command": command,
                             "settings": settings.as_dict() if settings else None, "rows": rows})
     write_text(paths.md, "\n".join(lines) + "\n")
-    label = f"val top-1 on {', '.join(datasets)} (%)"
+    splits = " / ".join(sorted({r.get("split", "val") for r in rows}))
+    label = f"{splits} top-1 on {', '.join(datasets)} (%)"
     for x, axis, unit, pareto in (("gmacs", "GMACs", " (analytic)", "lower_x"),
                                   ("throughput", "throughput", " (img/s)", "higher_x")):
         path = out / f"{name}_top1_vs_{x}.png"

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from tokred.backbones import CheckpointError
 from tokred.config import (
     ConfigError, check_overrides, check_writable, conf_dir, discard_refused_run, fail, hydra_flags, quiet_libraries,
-    runs_root, validate,
+    null_groups, runs_root, validate,
 )
 from tokred.data import DatasetError
 from tokred.training.loggers import own_wandb_service
@@ -44,8 +44,10 @@ def report(summary: dict[str, Any]) -> str:
     """What a finished run prints: accuracy, cost, and where everything is."""
     return "\n".join([
         f"val top-1 {_percent(summary['val/acc1'])} (best epoch {_percent(summary['val/acc1_best'])}), "
-        f"top-5 {_percent(summary['val/acc5'])}, {summary['model/gmacs']:.3f} GMACs, "
-        f"{summary['model/params_m']:.2f} M params",
+        f"top-5 {_percent(summary['val/acc5'])}"
+        + (f"; held-out test top-1 {_percent(summary['test/acc1'])}, top-5 {_percent(summary['test/acc5'])}"
+           if summary.get("test/acc1") is not None else "")
+        + f"; {summary['model/gmacs']:.3f} GMACs, {summary['model/params_m']:.2f} M params",
         f"run directory: {summary['run_dir']} (summary.json, export/)",
         f"checkpoints:   {summary['checkpoints']} (continue with: tokred-train <same overrides> "
         f"ckpt_path={summary['run_dir']})",
@@ -161,6 +163,7 @@ def launch_overrides(args: list[str]) -> list[str]:
 
 
 def main() -> None:
+    sys.argv[1:] = null_groups(sys.argv[1:])  # logger=null -> ~logger, which Hydra accepts
     own_wandb_service()
     if hydra_flags(sys.argv[1:]):
         _hydra_main()

@@ -23,7 +23,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tokred.cli.eval import load_checkpoint
 from tokred.cli.train import USER_ERRORS
-from tokred.config import ConfigError, check_overrides, conf_dir, fail
+from tokred.config import ConfigError, check_overrides, conf_dir, fail, null_groups
 from tokred.data import DatasetError, build_datamodule
 from tokred.data.transforms import eval_transform
 from tokred.reducers.base import TokenMap, TokenReducer
@@ -141,6 +141,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    sys.argv[1:] = null_groups(sys.argv[1:])  # logger=null -> ~logger, which Hydra accepts
     try:
         check_overrides(sys.argv[1:], "visualize")
     except USER_ERRORS as err:

@@ -8,11 +8,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
 from torchmetrics.classification import MulticlassAccuracy
 
-from tokred.backbones import freeze
+from tokred.backbones import create_backbone, freeze
+from tokred.reducers import create_reducer
 from tokred.reducers.base import TokenReducer
-from tokred.training.optim import build_optimizer, lr_factor
+from tokred.training.optim import build_optimizer, build_scheduler, scheduler_interval, step_scheduler
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,13 +31,18 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smooth
 
 class TokredModule(L.LightningModule):
     """Trains and evaluates a reducer; ``optim``/``lr`` are only needed to fit, ``meta`` (the config that rebuilds the
-    model: backbone, reducer, num_classes) is stored in every checkpoint so resume and tokred-eval can check it."""
+    model: backbone, reducer, num_classes) is stored in every checkpoint so resume and tokred-eval can check it.
+
+    ``optim.ema_decay`` (off: null) keeps a weight EMA of the model (timm's ModelEmaV3, updated after every optimiser
+    step, as the official DeiT-family loops do); it is validated alongside the model (``val_ema/*``) and is part of
+    every checkpoint, so a resumed fit continues it. The exported model is the trained one, not the EMA.
+    """
 
     def __init__(
         self,
-        model: TokenReducer,
-        optim: Mapping[str, Any] | None,
-        num_classes: int,
+        model: TokenReducer | None = None,
+        optim: Mapping[str, Any] | None = None,
+        num_classes: int | None = None,
         lr: float = 0.0,
         label_smoothing: float = 0.0,
         mixup: nn.Module | None = None,
@@ -42,6 +50,16 @@ class TokredModule(L.LightningModule):
         meta: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        # What rebuilds this module without the run's config: ``TokredModule.load_from_checkpoint(path)`` calls
+        # __init__ with these (model=None: rebuilt from ``meta``), then restores structure and tensors. Not the
+        # model, teacher or mixup objects: the teacher's weights are the run's business, not the checkpoint's.
+        self.save_hyperparameters(ignore=["model", "teacher", "mixup"], logger=False)
+        if model is None or num_classes is None:
+            if not meta:
+                raise ValueError("TokredModule needs a model and num_classes, or the meta that rebuilds them")
+            num_classes = int(meta["num_classes"]) if num_classes is None else num_classes
+            if model is None:
+                model = create_reducer(meta["reducer"], create_backbone(meta["backbone"], num_classes))
         self.model = model
         self.optim_cfg = dict(optim or {})
         self.meta = dict(meta or {})
@@ -52,6 +70,17 @@ class TokredModule(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.ema: ModelEmaV3 | None = None
+        if self.optim_cfg.get("ema_decay") is not None:
+            self.ema = self._new_ema()
+            self.val_ema_acc1 = self.val_acc1.clone()
+            self.val_ema_acc5 = self.val_acc5.clone()
+        self._ema_step = -1
+
+    def _new_ema(self) -> ModelEmaV3:
+        ema = ModelEmaV3(self.model, decay=float(self.optim_cfg["ema_decay"]))
+        ema.requires_grad_(False)  # not optimised; DDP must not wait for its gradients
+        return ema
 
     def train(self, mode: bool = True) -> "TokredModule":
         super().train(mode)
@@ -95,24 +124,49 @@ class TokredModule(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        logits = self.model(images)
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Once per optimiser step: with gradient accumulation several batches end before the next one.
+        if self.ema is not None and self.global_step != self._ema_step:
+            self.ema.update(self.model)
+            self._ema_step = self.global_step
+
+    def _score(self, split: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.val_acc1(logits, labels)
         self.val_acc5(logits, labels)
         # torchmetrics objects sync their counts across ranks when computed; the mean loss needs sync_dist.
-        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
-        self.log("val/acc1", self.val_acc1, prog_bar=True)
-        self.log("val/acc5", self.val_acc5)
+        self.log(f"{split}/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        self.log(f"{split}/acc1", self.val_acc1, prog_bar=True)
+        self.log(f"{split}/acc5", self.val_acc5)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """``trainer.test``: the held-out test split, scored as validation is, under ``test/``."""
+        images, labels = batch
+        self._score("test", self.model(images), labels)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self.model(images)
+        self._score("val", logits, labels)
+        if self.ema is not None:
+            ema_logits = self.ema.module(images)
+            self.val_ema_acc1(ema_logits, labels)
+            self.val_ema_acc5(ema_logits, labels)
+            self.log("val_ema/loss", F.cross_entropy(ema_logits, labels), sync_dist=True)
+            self.log("val_ema/acc1", self.val_ema_acc1)
+            self.log("val_ema/acc5", self.val_ema_acc5)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.model, self.optim_cfg, self.lr)
-        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(self.trainer.max_epochs, 1))
-        max_epochs = self.trainer.max_epochs
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, steps_per_epoch, self.optim_cfg, max_epochs, self.lr)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        max_epochs = max(int(self.trainer.max_epochs), 1)
+        updates_per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // max_epochs)
+        scheduler = build_scheduler(optimizer, self.optim_cfg, max_epochs, updates_per_epoch)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": scheduler_interval(self.optim_cfg)}}
+
+    def lr_scheduler_step(self, scheduler: Scheduler, metric: Any) -> None:
+        # Lightning calls this after the last batch of each epoch ("epoch") or after each optimiser update ("step"),
+        # before on_train_batch_end writes any checkpoint: a saved optimiser already holds the next LR.
+        step_scheduler(scheduler, self.optim_cfg, self.current_epoch, self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokred_structure"] = self.model.structure()
@@ -121,3 +175,9 @@ class TokredModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Rebuild searched structure (token schedules, kept channels) before Lightning loads the tensors into it.
         self.model.load_structure(checkpoint.get("tokred_structure", {}))
+        if self.teacher is None:  # load_from_checkpoint builds no teacher: its frozen copy is not part of the model
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if k.startswith("teacher.")]:
+                del state[key]
+        if self.ema is not None:
+            self.ema = self._new_ema()  # the same structure; its weights come with the checkpoint

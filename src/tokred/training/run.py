@@ -6,7 +6,6 @@ DDP run has one output directory.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from contextlib import nullcontext
@@ -16,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -30,12 +29,13 @@ from tokred.flops import count_params, counted_gmacs
 from tokred.io import atomic_write_json
 from tokred.reducers import create_reducer
 from tokred.reducers.base import Phase, TokenReducer
+from tokred.training.callbacks import build_callbacks
 from tokred.training.loggers import build_logger
 from tokred.training.module import NonFiniteLossError, TokredModule
 from tokred.training.optim import effective_lr
 from tokred.training.phases import (
-    RUN_CONFIG, AtomicCheckpointIO, PhaseContext, Progress, RunLock, check_checkpoint, check_resumed_config,
-    checkpoint_callbacks, checkpoint_dir, find_resume, progress, record_config, save_phase, wait_for_phase,
+    AtomicCheckpointIO, PhaseContext, Progress, RunLock, check_checkpoint, check_resumed_config, checkpoint_dir,
+    find_resume, finished_result, progress, record_config, rerun_policy, run_inputs, save_phase, wait_for_phase,
 )
 from tokred.visualize import token_map_callbacks
 
@@ -77,8 +77,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger: Logger | None, callbac
     if max_epochs is not None:
         trainer_cfg["max_epochs"] = max_epochs
     return L.Trainer(
-        default_root_dir=run_dir, logger=logger if logger is not None else False,
-        callbacks=[*callbacks, TQDMProgressBar(refresh_rate=10)],
+        default_root_dir=run_dir, logger=logger if logger is not None else False, callbacks=list(callbacks),
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_model_summary=False, plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=not uses_own_sampler(cfg.dataset), **trainer_cfg,
@@ -87,10 +86,20 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger: Logger | None, callbac
 
 def evaluate(model: TokenReducer, datamodule: ImageDataModule, cfg: DictConfig, run_dir: Path,
              logger: Logger | None = None) -> dict[str, float]:
-    """val/acc1, val/acc5, val/loss of ``model`` over the whole validation split (all ranks, metrics synced)."""
-    trainer = build_trainer(cfg, run_dir, logger)
-    trainer.validate(TokredModule(model, None, datamodule.num_classes), datamodule=datamodule, verbose=False)
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    """val/acc1, val/acc5, val/loss of ``model`` over the whole validation split and, where the dataset has a test
+    split, test/acc1, test/acc5, test/loss over it (all ranks, metrics synced); logged as one row at the logger's
+    current step."""
+    trainer = build_trainer(cfg, run_dir, None, build_callbacks(cfg.get("callbacks")))
+    module = TokredModule(model, None, datamodule.num_classes)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if datamodule.test_set is not None:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    if logger is not None:
+        logger.log_metrics(metrics, step=0)
+        logger.save()
+    return metrics
 
 
 def _device(cfg: DictConfig) -> torch.device:
@@ -106,7 +115,7 @@ def _fit(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, phas
     """One phase's Lightning fit; returns its global step count and its metrics (with ``val/acc1_best``)."""
     optim = OmegaConf.to_container(cfg.optim, resolve=True) | phase.optim
     directory = checkpoint_dir(run_dir, phase.name)
-    callbacks = checkpoint_callbacks(directory, int(cfg.checkpoint.every_n_train_steps))
+    callbacks = build_callbacks(cfg.get("callbacks"), directory)  # anew per phase: a callback's state is its fit's
     trainer = build_trainer(cfg, run_dir, logger, [*callbacks, *extra_callbacks], max_epochs=phase.epochs)
     global_batch = int(cfg.dataset.batch_size) * trainer.world_size * int(cfg.trainer.get("accumulate_grad_batches", 1))
     label_smoothing = float(cfg.optim.get("label_smoothing", 0.0))
@@ -125,7 +134,8 @@ def _fit(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, phas
         where = f"last good checkpoint: {kept}" if kept.is_file() else "no checkpoint had been written yet"
         raise NonFiniteLossError(f"{err} ({where})") from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    best = callbacks[0].best_model_score
+    best = next((c.best_model_score for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor == "val/acc1"),
+                None)
     if best is not None:
         metrics["val/acc1_best"] = float(best)
     return trainer.global_step, metrics
@@ -164,18 +174,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     ``cfg.ckpt_path`` (``last``, a run directory or a ``.ckpt``) continues an earlier run in its own directory;
     see :func:`tokred.training.phases.find_resume`. Without it, a run directory that already holds checkpoints
-    (an interrupted multirun job, re-launched) is continued, and one holding summary.json returns that summary.
+    (an interrupted multirun job, re-launched) is continued, and one holding summary.json returns that summary
+    unless the config or tokred changed since (``sweep.rerun``; see :func:`tokred.training.phases.finished_result`).
     """
     L.seed_everything(int(cfg.seed), workers=True)
+    rerun_policy(cfg)  # a bad value fails before anything is read or written
     output_dir = Path(cfg.paths.output_dir)
     resume_dir, ckpt_file = find_resume(cfg.get("ckpt_path"), output_dir.parent)
     run_dir = resume_dir or output_dir
-    finished = run_dir / "summary.json"
-    if resume_dir is None and finished.is_file() and "failed_steps" not in json.loads(finished.read_text()):
-        # A re-launched multirun job (its directory derives from its overrides) that already finished: its stored
-        # result is the job's result, so the sweeper still gets it without training again.
-        log.info("%s exists: run finished earlier, nothing to do (delete %s to train it again)", finished, run_dir)
-        return json.loads(finished.read_text())
+    stored = finished_result(cfg, run_dir) if resume_dir is None else None
+    if stored is not None:  # the sweeper gets a finished job's result without training it again
+        return stored
     token_maps = token_map_callbacks(cfg.get("visualize"), run_dir)  # a bad value fails before anything is written
     datamodule = build_datamodule(cfg.dataset)
     num_classes = datamodule.num_classes  # reads the data now: a bad dataset fails before anything is written
@@ -187,10 +196,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         point = resume_point(run_dir, phase, ckpt_file if phase.name == ckpt_phase else None)
         if phase.epochs != 0 and point is not None:
             check_checkpoint(point, meta)
-    check_resumed_config(cfg, run_dir)  # after the checks above, whose messages name a more specific fix
+    inputs = run_inputs(cfg, datamodule, run_dir)
+    check_resumed_config(cfg, run_dir, inputs)  # after the checks above, whose messages name a more specific fix
     with RunLock(run_dir) if rank_zero_only.rank == 0 else nullcontext():
-        if rank_zero_only.rank == 0 and not (run_dir / RUN_CONFIG).is_file():
-            record_config(cfg, run_dir)
+        if rank_zero_only.rank == 0:  # this launch's config: what the finished run will have been trained with
+            record_config(cfg, run_dir, inputs)
         return _run_phases(cfg, model, datamodule, run_dir, state, meta, ckpt_file, ckpt_phase, token_maps)
 
 
@@ -271,7 +281,12 @@ def finish(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, ru
             return default
 
     img_size = int(cfg.backbone.img_size)
+    # The deployable model on the validation split and, once, on the held-out test split (the best checkpoint was
+    # chosen on validation, so only the test numbers are untouched by model selection).
     final = attempt("the final evaluation", lambda: evaluate(model.deployable(), datamodule, cfg, run_dir, logger), {})
+    if datamodule.test_set is None:
+        log.info("dataset %s has no test split: summary.json's test/acc1 and test/acc5 are null; val/acc1 is the "
+                 "reported figure (the same split chose the best checkpoint)", cfg.dataset.name)
     stats = model_stats(model, img_size, counted=False)
     stats |= attempt("counting FLOPs", lambda: {"model/gmacs_counted": counted_gmacs(model.deployable(), img_size)},
                      {})
@@ -280,6 +295,7 @@ def finish(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, ru
         "reducer_knobs": model.knobs(), "dataset": cfg.dataset.name, **stats,
         "val/acc1": final.get("val/acc1"), "val/acc5": final.get("val/acc5"),
         "val/acc1_best": metrics.get("val/acc1_best"), "val/acc1_last_epoch": metrics.get("val/acc1"),
+        "test/acc1": final.get("test/acc1"), "test/acc5": final.get("test/acc5"),
         "global_step": step, "run_dir": str(run_dir), "checkpoints": str(run_dir / "checkpoints"),
         "logs": logger.location() if logger is not None else "none (logger=null)",
         "degenerate": degenerate(stats["model/tokens_per_block"], model.vit.num_prefix_tokens, final.get("val/acc1"),
