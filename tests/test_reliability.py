@@ -204,7 +204,7 @@ def test_every_cli_answers_help(name, capsys):
 
 def test_tokred_eval_without_ckpt_path_names_it(capsys, tmp_path):
     code, _, err = run_cli(eval_cli.main, capsys, f"paths.root={tmp_path}")
-    assert code == 2 and err.count("\n") == 1 and "ckpt_path is required" in err
+    assert code == 2 and err.count("\n") == 1 and "tokred-eval needs a model: ckpt_path=" in err
 
 
 def test_sit_refuses_a_budget_it_cannot_reach():

@@ -1,4 +1,6 @@
-"""``tokred-eval ckpt_path=<...> [dataset=...] [overrides]``: top-1, top-5, GMACs and params of a trained model.
+"""``tokred-eval ckpt_path=<...> [dataset=...] [overrides]``: top-1, top-5, GMACs and params of a trained model;
+``tokred-eval backbone=<name> backbone.pretrained=true|backbone.checkpoint=<file> reducer=<name> [knobs]``: the same
+for a training-free reducer applied to a backbone's own weights, with no tokred training at all.
 
 ``ckpt_path`` may be a Lightning checkpoint (``checkpoints/<phase>/{best,last}.ckpt``), a phase snapshot
 (``phases/<phase>.pt``), an export directory (``export/``, from :mod:`tokred.export`) or a run directory (its
@@ -20,15 +22,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tokred.backbones import CheckpointError, create_backbone
 from tokred.cli.train import USER_ERRORS
-from tokred.config import check_overrides, conf_dir, discard_refused_run, fail, hydra_flags, quiet_libraries
+from tokred.config import (
+    ConfigError, check_overrides, conf_dir, discard_refused_run, fail, hydra_flags, null_groups, quiet_libraries,
+)
 from tokred.data import build_datamodule
 from tokred.export import load_deployable
 from tokred.io import atomic_write_json
-from tokred.reducers import create_reducer
+from tokred.reducers import create_reducer, is_training_free
 from tokred.reducers.base import TokenReducer
 from tokred.training.loggers import build_logger, own_wandb_service
 from tokred.training.phases import read_phase
-from tokred.training.run import evaluate, model_stats
+from tokred.training.run import build_model, evaluate, model_meta, model_stats
 
 
 def _rebuild(meta: dict[str, Any], structure: dict[str, Any], state: dict[str, torch.Tensor],
@@ -75,15 +79,39 @@ def _row(summary: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in summary.items())
 
 
+def apply_training_free(cfg: DictConfig, num_classes: int) -> tuple[TokenReducer, dict[str, Any]]:
+    """``cfg.reducer`` applied to ``cfg.backbone``'s pretrained or given weights, deployable, and its metadata."""
+    name, backbone = cfg.reducer.name, cfg.backbone.name
+    if not is_training_free(name):
+        raise ConfigError(f"reducer={name} needs training before it can be evaluated; run tokred-train "
+                          f"backbone={backbone} reducer={name} backbone.checkpoint=<weights>, then tokred-eval "
+                          "ckpt_path=<its run directory> (training-free: none, tome, topk, evit, ats)")
+    if not cfg.backbone.pretrained and not cfg.backbone.checkpoint:
+        raise ConfigError(f"backbone={backbone} has no weights to evaluate; pass backbone.pretrained=true (timm's) "
+                          "or backbone.checkpoint=<file>")
+    if cfg.backbone.get("reset_head"):
+        raise ConfigError("backbone.reset_head=true would evaluate a random classifier head; drop it")
+    model = build_model(cfg, num_classes)
+    trained_for = model.vit.pretrained_cfg.get("num_classes") if cfg.backbone.pretrained else num_classes
+    if trained_for != num_classes:  # timm swaps in a random head of the requested size
+        raise ConfigError(f"backbone={backbone}'s pretrained head has {trained_for} classes but dataset "
+                          f"{cfg.dataset.name} has {num_classes}; evaluate on the dataset it was trained on")
+    return model.deployable(), model_meta(cfg, num_classes)
+
+
 @hydra.main(config_path=str(conf_dir()), config_name="eval", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     quiet_libraries(bool(cfg.get("verbose", False)))
     try:
-        model, meta = load_checkpoint(cfg.ckpt_path)
-        with open_dict(cfg):
-            cfg.backbone = meta["backbone"]
-            cfg.reducer = meta["reducer"]
-        datamodule = build_datamodule(cfg.dataset)
+        if cfg.ckpt_path is None:  # training-free: main() made sure a backbone was chosen
+            datamodule = build_datamodule(cfg.dataset)
+            model, meta = apply_training_free(cfg, datamodule.num_classes)
+        else:
+            model, meta = load_checkpoint(cfg.ckpt_path)
+            with open_dict(cfg):
+                cfg.backbone = meta["backbone"]
+                cfg.reducer = meta["reducer"]
+            datamodule = build_datamodule(cfg.dataset)
         if datamodule.num_classes != int(meta["num_classes"]):
             raise CheckpointError(
                 f"{cfg.ckpt_path} has a {meta['num_classes']}-class head but dataset {cfg.dataset.name} has "
@@ -100,8 +128,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         fail("tokred-eval", err)
     stats = model_stats(model, int(cfg.backbone.img_size))
     summary = {
-        "ckpt_path": str(cfg.ckpt_path), "backbone": meta["backbone"]["name"], "reducer": meta["reducer"]["name"],
+        "ckpt_path": str(cfg.ckpt_path) if cfg.ckpt_path else None, "backbone": meta["backbone"]["name"], "reducer": meta["reducer"]["name"],
+        "reducer_knobs": meta["reducer"],
         "dataset": cfg.dataset.name, "val/acc1": metrics.get("val/acc1"), "val/acc5": metrics.get("val/acc5"),
+        "test/acc1": metrics.get("test/acc1"), "test/acc5": metrics.get("test/acc5"),
         "model/gmacs": round(stats["model/gmacs"], 4), "model/gmacs_counted": round(stats["model/gmacs_counted"], 4),
         "model/params_m": round(stats["model/params_m"], 4),
     }
@@ -116,12 +146,22 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    sys.argv[1:] = null_groups(sys.argv[1:])  # logger=null -> ~logger, which Hydra accepts
     own_wandb_service()
     try:
-        check_overrides(sys.argv[1:], "eval")
-        if not hydra_flags(sys.argv[1:]) and not any(a.startswith("ckpt_path=") for a in sys.argv[1:]):
-            raise CheckpointError("ckpt_path is required: tokred-eval ckpt_path=<run dir | export/ | phases/<phase>.pt | "
-                                  "checkpoints/<phase>/best.ckpt>")
+        args = sys.argv[1:]
+        check_overrides(args, "eval")
+        from_checkpoint = any(a.startswith("ckpt_path=") for a in args)
+        model_keys = [a.split("=", 1)[0] for a in args if a.lstrip("+~").startswith(("backbone", "reducer"))]
+        if hydra_flags(args):
+            pass
+        elif from_checkpoint and model_keys:
+            raise ConfigError(f"{model_keys[0]}: with ckpt_path the model comes from the checkpoint; drop "
+                              f"{model_keys[0]}, or drop ckpt_path to apply a training-free reducer to a backbone")
+        elif not from_checkpoint and not any(k == "backbone" for k in model_keys):
+            raise CheckpointError("tokred-eval needs a model: ckpt_path=<run dir | export/ | phases/<phase>.pt | "
+                                  "checkpoints/<phase>/best.ckpt>, or backbone=<name> backbone.pretrained=true "
+                                  "reducer=<training-free reducer>")
     except USER_ERRORS as err:
         fail("tokred-eval", err)
     _hydra_main()

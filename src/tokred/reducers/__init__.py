@@ -14,10 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from tokred.reducers.base import Phase, ParamGroup, ReducerConfig, TokenReducer
+from tokred.reducers.base import Phase, ParamGroup, ReducerConfig, TokenReducer, TrainingFreeConfig
 
 __all__ = ["Phase", "ParamGroup", "ReducerConfig", "TokenReducer", "available_reducers", "create_reducer",
-           "register_reducer", "reducer_class"]
+           "is_training_free", "register_reducer", "reducer_class"]
 
 _REGISTRY: dict[str, type[TokenReducer]] = {}
 
@@ -45,6 +45,13 @@ def reducer_class(name: str) -> type[TokenReducer]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown reducer {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def is_training_free(name: str) -> bool:
+    """Whether reducer ``name`` applies to a trained backbone as it is: its config declares it by deriving from
+    :class:`TrainingFreeConfig` (``none`` trivially is)."""
+    cls = reducer_class(name)
+    return cls.name == "none" or issubclass(cls.Config, TrainingFreeConfig)
 
 
 def reducer_config(cfg: Mapping[str, Any] | DictConfig) -> ReducerConfig:

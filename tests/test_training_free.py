@@ -1,0 +1,62 @@
+"""Training-free evaluation: a reducer applied to a backbone's own weights, with no tokred checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+from conftest import FAST, run_cli
+from safetensors.torch import save_file
+
+from tokred.cli import eval as eval_cli
+from tokred.reducers import available_reducers, is_training_free
+
+DATA = [o for o in FAST if o.startswith("dataset.")]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A deit_tiny_cpu checkpoint as a user brings one (plain timm state dict in safetensors)."""
+    path = tmp_path_factory.mktemp("weights") / "vit.safetensors"
+    vit = timm.create_model("deit_tiny_cpu_patch8_64", num_classes=10)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    return path
+
+
+def evaluate(capsys, tmp_path, *args):
+    code, out, err = run_cli(eval_cli.main, capsys, *DATA, f"paths.root={tmp_path}", "logger=csv", *args)
+    return code, (json.loads(out.strip().splitlines()[-1]) if code == 0 else None), err
+
+
+def test_a_training_free_reducer_evaluates_on_given_weights(weights, tmp_path, capsys):
+    model = ["backbone=deit_tiny_cpu", f"backbone.checkpoint={weights}"]
+    code, plain, err = evaluate(capsys, tmp_path, *model)
+    assert code == 0, err[-2000:]
+    code, neutral, err = evaluate(capsys, tmp_path, *model, "reducer=tome", "reducer.r=0")
+    assert code == 0, err[-2000:]
+    code, merged, err = evaluate(capsys, tmp_path, *model, "reducer=tome", "reducer.target_ratio=0.5")
+    assert code == 0, err[-2000:]
+    assert plain["ckpt_path"] is None and plain["reducer"] == "none"
+    assert neutral["val/acc1"] == plain["val/acc1"] and neutral["model/gmacs"] == pytest.approx(plain["model/gmacs"])
+    assert merged["reducer"] == "tome" and merged["reducer_knobs"]["target_ratio"] == 0.5
+    assert 0.49 * plain["model/gmacs"] <= merged["model/gmacs"] <= 0.5 * plain["model/gmacs"]
+
+
+def test_the_training_free_reducers_are_declared():
+    assert {r for r in available_reducers() if is_training_free(r)} == {"none", "tome", "topk", "evit", "ats"}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["backbone=deit_tiny_cpu", "reducer=sit"], "reducer=sit needs training before it can be evaluated; run tokred-train"),
+    (["backbone=deit_tiny_cpu", "reducer=tome"], "no weights to evaluate; pass backbone.pretrained=true"),
+    (["reducer=tome"], "tokred-eval needs a model"),
+    (["ckpt_path=/somewhere", "reducer=tome"], "with ckpt_path the model comes from the checkpoint"),
+    (["backbone=deit_small", "backbone.pretrained=true"], "pretrained head has 1000 classes but dataset synthetic"),
+])
+def test_training_free_bad_input_is_one_line(args, fragment, tmp_path, capsys, monkeypatch):
+    # timm's weights would be downloaded: its loader is stubbed (the head check comes after it)
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", lambda *a, **k: None)
+    code, _, err = evaluate(capsys, tmp_path, *args)
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("tokred-eval: error: ") and fragment in line, err[-2000:]
