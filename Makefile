@@ -14,7 +14,7 @@ OLDEST_PYTHON ?= $(firstword $(foreach py,python3.10 $(wildcard $(HOME)/.pyenv/v
 	$(shell $(py) -c 'print("$(py)")' 2>/dev/null)) $(PYTHON))
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock train test test-oldest flops benchmark compare report sweep clean
+.PHONY: help install lock train test test-fast test-oldest lint format flops benchmark compare report sweep clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,6 +48,17 @@ train: $(STAMP) ## train the default experiment (deit_tiny_cpu on the built-in d
 
 test: $(STAMP) ## run the test suite (locked versions)
 	$(BIN)/pytest -n 2 --dist loadfile $(ARGS)
+
+test-fast: $(STAMP) ## the suite without the tests marked slow (long end-to-end runs): a quick check while editing
+	$(BIN)/pytest -n 2 --dist loadfile -m "not slow" $(ARGS)
+
+lint: $(STAMP) ## ruff: lint and formatting check (configured in pyproject.toml; CI runs it)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: $(STAMP) ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
 
 test-oldest: $(OLD_VENV)/.installed ## the smoke tests (every reducer end to end) on the oldest supported versions
 	$(OLD_VENV)/bin/pytest -n 2 --dist loadfile -m smoke $(ARGS)

@@ -31,9 +31,17 @@ FAST = [
 # The reducers' own searches are not Lightning fits (fast_dev_run does not shorten them), and paper GMACs targets
 # are out of reach of the tiny backbone: scaled down the way conf/compare.yaml scales them.
 TINY_REDUCER = {
-    "patch_slimming": ["reducer.target_gmacs=null", "reducer.score_images=16", "reducer.cache_images=32",
-                       "reducer.holdout_images=16", "reducer.block_epochs=1", "reducer.bisect_searches=1",
-                       "reducer.group_size=32", "reducer.epsilon=0.5", "reducer.finetune_epochs=1"],
+    "patch_slimming": [
+        "reducer.target_gmacs=null",
+        "reducer.score_images=16",
+        "reducer.cache_images=32",
+        "reducer.holdout_images=16",
+        "reducer.block_epochs=1",
+        "reducer.bisect_searches=1",
+        "reducer.group_size=32",
+        "reducer.epsilon=0.5",
+        "reducer.finetune_epochs=1",
+    ],
     "vit_slim": ["reducer.search_epochs=1"],
     "dynamicvit": ["reducer.freeze_backbone_epochs=1"],
     "ats": ["reducer.num_tokens=null"],  # the presets' K = 108 is for 197 tokens; the tiny backbone has 65

@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import pytest
-from conftest import peaked
 import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import peaked
 from tokred.config import ConfigError, compose_config, validate
 from tokred.export import load_deployable
 from tokred.flops import counted_gmacs, cpu_attention_formulas
@@ -176,7 +176,7 @@ def test_uniform_attention_and_equal_values_keep_exactly_k_tokens(make_vit):
     with torch.no_grad():  # block 1: q = k = 0 (uniform attention), v = the same vector for every token
         vit.blocks[1].attn.qkv.weight.zero_()
         vit.blocks[1].attn.qkv.bias.zero_()
-        vit.blocks[1].attn.qkv.bias[2 * c:] = 1.0
+        vit.blocks[1].attn.qkv.bias[2 * c :] = 1.0
     for k in (8, 11, 16):
         model = ats(vit, num_tokens=k, blocks=[1])
         sets = kept_sets(model, images())
@@ -184,9 +184,17 @@ def test_uniform_attention_and_equal_values_keep_exactly_k_tokens(make_vit):
         assert sets[1][0] == sets[1][1]  # the same tokens in every image: the scores are identical
 
 
-@pytest.mark.parametrize("knobs", [{}, {"num_tokens": 9}, {"num_tokens": 12, "blocks": [0, 2]},
-                                   {"num_tokens": 10, "grid_size": "per_current_T"}, {"value_norm": "per_head"}],
-                         ids=["release", "K9", "K12-gaps", "per_current_T", "per_head"])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {},
+        {"num_tokens": 9},
+        {"num_tokens": 12, "blocks": [0, 2]},
+        {"num_tokens": 10, "grid_size": "per_current_T"},
+        {"value_norm": "per_head"},
+    ],
+    ids=["release", "K9", "K12-gaps", "per_current_T", "per_head"],
+)
 def test_kept_count_never_exceeds_k_and_pruned_tokens_never_return(make_vit, knobs):
     model = ats(peaked(make_vit(depth=6)), **knobs)
     k = knobs.get("num_tokens", 17)
@@ -214,8 +222,8 @@ def test_an_image_gets_the_same_tokens_and_logits_alone_and_in_a_padded_batch(ma
     with torch.no_grad():
         batch_logits = model(x)
         for i in range(5):
-            torch.testing.assert_close(model(x[i:i + 1])[0], batch_logits[i], atol=1e-5, rtol=1e-4)
-            assert [sets[0] for sets in kept_sets(model, x[i:i + 1])] == [sets[i] for sets in batch_sets]
+            torch.testing.assert_close(model(x[i : i + 1])[0], batch_logits[i], atol=1e-5, rtol=1e-4)
+            assert [sets[0] for sets in kept_sets(model, x[i : i + 1])] == [sets[i] for sets in batch_sets]
 
 
 def test_sampling_is_deterministic_and_the_same_in_train_and_eval(make_vit):
@@ -250,8 +258,9 @@ def test_gradients_reach_every_parameter(make_vit):
 # ---------------------------------------------------------------- cost
 
 
-@pytest.mark.parametrize("knobs", [{"num_tokens": 10}, {"num_tokens": 12, "blocks": [0, 2]},
-                                   {"grid_size": "per_current_T", "num_tokens": 9}])
+@pytest.mark.parametrize(
+    "knobs", [{"num_tokens": 10}, {"num_tokens": 12, "blocks": [0, 2]}, {"grid_size": "per_current_T", "num_tokens": 9}]
+)
 def test_analytic_cost_equals_the_counter_on_every_image(make_vit, knobs):
     model = ats(peaked(make_vit(depth=6)), **knobs)
     x = images(5)
@@ -297,8 +306,9 @@ def test_paper_operating_point_matches_the_spec():
 
 @pytest.mark.parametrize("ratio", [0.5, 0.65])
 def test_budget_lands_within_one_percent_below_the_target(ratio):
-    cfg = compose_config(["backbone=deit_tiny", "reducer=ats", f"reducer.target_ratio={ratio}",
-                          "reducer.cost_images=2"], "flops")
+    cfg = compose_config(
+        ["backbone=deit_tiny", "reducer=ats", f"reducer.target_ratio={ratio}", "reducer.cost_images=2"], "flops"
+    )
     model = build_model(cfg, 1000)
     target = ratio * TokenReducer.cost(model).gmacs
     assert -0.01 <= (model.cost().gmacs - target) / target <= 0
@@ -315,26 +325,32 @@ def test_unreachable_budget_names_the_range(make_vit):
 # ---------------------------------------------------------------- knobs
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("reducer.num_tokens=4", "reducer.num_tokens=4 must be >= 8"),
-    ("reducer.blocks=[4,3]", "distinct 0-based blocks in increasing order"),
-    ("reducer.blocks=[-1]", "distinct 0-based blocks"),
-    ("reducer.grid_size=full", "choose one of: release, per_current_T"),
-    ("reducer.value_norm=l1", "choose one of: full, per_head"),
-    ("reducer.cost_images=0", "reducer.cost_images=0 must be >= 1"),
-    ("reducer.finetune_epochs=-1", "reducer.finetune_epochs=-1 must be >= 0"),
-    ("+reducer.keep_rate=0.5", "valid knobs"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("reducer.num_tokens=4", "reducer.num_tokens=4 must be >= 8"),
+        ("reducer.blocks=[4,3]", "distinct 0-based blocks in increasing order"),
+        ("reducer.blocks=[-1]", "distinct 0-based blocks"),
+        ("reducer.grid_size=full", "choose one of: release, per_current_T"),
+        ("reducer.value_norm=l1", "choose one of: full, per_head"),
+        ("reducer.cost_images=0", "reducer.cost_images=0 must be >= 1"),
+        ("reducer.finetune_epochs=-1", "reducer.finetune_epochs=-1 must be >= 0"),
+        ("+reducer.keep_rate=0.5", "valid knobs"),
+    ],
+)
 def test_bad_knobs_are_rejected_in_one_line(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")) as err:
         validate(compose_config(["reducer=ats", override]))
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("knobs, fragment", [
-    ({"blocks": [3, 8]}, "below the backbone depth 4"),
-    ({"num_tokens": 18}, "exceeds the backbone's 17 input tokens"),
-])
+@pytest.mark.parametrize(
+    "knobs, fragment",
+    [
+        ({"blocks": [3, 8]}, "below the backbone depth 4"),
+        ({"num_tokens": 18}, "exceeds the backbone's 17 input tokens"),
+    ],
+)
 def test_knobs_that_do_not_fit_the_backbone_are_rejected(make_vit, knobs, fragment):
     with pytest.raises(ValueError, match=fragment):
         ats(make_vit(depth=4), **knobs)

@@ -27,8 +27,10 @@ TINY_TIMING = ["batch_size=2", "warmup=1", "repeats=2", "iters=1", "latency_repe
 
 
 def bench_cfg(tmp_path: Path, *overrides: str):
-    return compose_config(["backbones=[deit_tiny_cpu]", *TINY_TIMING, f"out_dir={tmp_path}", "machine=test",
-                           *overrides], config_name="benchmark")
+    return compose_config(
+        ["backbones=[deit_tiny_cpu]", *TINY_TIMING, f"out_dir={tmp_path}", "machine=test", *overrides],
+        config_name="benchmark",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,9 @@ def test_harness_covers_every_registered_reducer(bench):
     for name in REDUCERS:
         kinds = [r["kind"] for r in rows if r["reducer"] == name]
         assert "operating_point" in kinds
-        assert sorted(r["target_ratio"] for r in rows if r["reducer"] == name and r["kind"] == "matched_budget") == BUDGETS
+        assert (
+            sorted(r["target_ratio"] for r in rows if r["reducer"] == name and r["kind"] == "matched_budget") == BUDGETS
+        )
 
 
 def test_harness_rows_are_well_formed(bench):
@@ -108,8 +112,19 @@ def test_failed_row_is_reported_not_hidden(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(harness, "build", build)
     reducer = REDUCERS[0]
-    monkeypatch.setattr(sys, "argv", ["tokred-benchmark", "backbones=[deit_tiny_cpu]", *TINY_TIMING,
-                                      f"reducers=[{reducer}]", "budgets=[0.5]", f"out_dir={tmp_path}", "machine=test"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "tokred-benchmark",
+            "backbones=[deit_tiny_cpu]",
+            *TINY_TIMING,
+            f"reducers=[{reducer}]",
+            "budgets=[0.5]",
+            f"out_dir={tmp_path}",
+            "machine=test",
+        ],
+    )
     with pytest.raises(SystemExit) as exit_info:
         benchmark_cli.main()
     assert exit_info.value.code == 1
@@ -121,12 +136,15 @@ def test_failed_row_is_reported_not_hidden(tmp_path, monkeypatch, capsys):
     assert errors.count("ValueError: target out of reach (test)") == 1
 
 
-@pytest.mark.parametrize("args, message", [
-    (["nonsense=1"], "nonsense"),
-    (["backbones=[deit_huge]"], "unknown backbone 'deit_huge'"),
-    (["reducers=[bogus]"], "unknown reducer 'bogus'"),
-    (["precision=fp8"], "precision='fp8'; choose one of: fp32, bf16, fp16"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nonsense=1"], "nonsense"),
+        (["backbones=[deit_huge]"], "unknown backbone 'deit_huge'"),
+        (["reducers=[bogus]"], "unknown reducer 'bogus'"),
+        (["precision=fp8"], "precision='fp8'; choose one of: fp32, bf16, fp16"),
+    ],
+)
 def test_benchmark_config_errors_are_one_line(args, message, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["tokred-benchmark", *args])
     with pytest.raises(SystemExit) as exit_info:
@@ -159,10 +177,19 @@ def write_run(run_dir: Path, reducer: str, ratio: float | None, acc1: float, exp
     cost = model.cost()
     if export:
         save_deployable(model, run_dir / "export", OmegaConf.to_container(cfg, resolve=True))
-    summary = {"backbone": "deit_tiny_cpu", "backbone_model": cfg.backbone.model, "reducer": reducer,
-               "reducer_knobs": model.knobs(), "dataset": "synthetic", "model/gmacs": cost.gmacs,
-               "model/gmacs_counted": cost.gmacs, "model/params_m": 1.4, "val/acc1": acc1, "val/acc5": 1.0,
-               "run_dir": "/elsewhere/run"}
+    summary = {
+        "backbone": "deit_tiny_cpu",
+        "backbone_model": cfg.backbone.model,
+        "reducer": reducer,
+        "reducer_knobs": model.knobs(),
+        "dataset": "synthetic",
+        "model/gmacs": cost.gmacs,
+        "model/gmacs_counted": cost.gmacs,
+        "model/params_m": 1.4,
+        "val/acc1": acc1,
+        "val/acc5": 1.0,
+        "run_dir": "/elsewhere/run",
+    }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").write_text(json.dumps(summary))
 
@@ -177,8 +204,9 @@ def runs(tmp_path_factory):
 
 def test_report_turns_runs_into_table_and_plots(runs, tmp_path, capsys):
     out = tmp_path / "results"
-    report_cli.main([f"runs_dir={runs}", f"out_dir={out}", "machine=test", "batch_size=2", "repeats=1",
-                     "latency_repeats=1"])
+    report_cli.main(
+        [f"runs_dir={runs}", f"out_dir={out}", "machine=test", "batch_size=2", "repeats=1", "latency_repeats=1"]
+    )
     assert "wrote" in capsys.readouterr().out
     with (out / "test" / "compare.csv").open() as f:
         table = {r["reducer"]: r for r in csv.DictReader(f)}
@@ -230,18 +258,23 @@ def test_report_logs_wandb_table_offline(runs, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    report_cli.main([f"runs_dir={runs}", f"out_dir={tmp_path / 'results'}", "machine=test", "speed=false", "wandb=true"])
+    report_cli.main(
+        [f"runs_dir={runs}", f"out_dir={tmp_path / 'results'}", "machine=test", "speed=false", "wandb=true"]
+    )
     tables = list((tmp_path / "wandb").glob("offline-run-*/files/media/table/rows_*.table.json"))
     assert len(tables) == 1
     logged = json.loads(tables[0].read_text())
     assert len(logged["data"]) == len(RUNS) and "top1" in logged["columns"] and "gmacs" in logged["columns"]
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no summary.json under"),
-    ("{", "is not a readable JSON file"),
-    ('{"backbone": "deit_tiny_cpu", "reducer": "none"}', "lacks model/gmacs, val/acc1"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no summary.json under"),
+        ("{", "is not a readable JSON file"),
+        ('{"backbone": "deit_tiny_cpu", "reducer": "none"}', "lacks model/gmacs, val/acc1"),
+    ],
+)
 def test_report_bad_runs_dir_is_one_line(content, message, tmp_path, capsys):
     if content is not None:
         (tmp_path / "run").mkdir()

@@ -15,9 +15,9 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
+
 from conftest import FAST
 from test_data import write_cifar, write_image_folder
-
 from tokred import config as config_mod
 from tokred.config import ConfigError, compose_config
 from tokred.data import build_datamodule
@@ -33,10 +33,18 @@ NO_MAPS = "visualize.every_n_epochs=0"
 
 def _describe(callbacks) -> list[tuple]:
     """What tells two callback lists apart: class, file name, monitor, schedule, directory / path, refresh rate."""
-    return [(type(c), getattr(c, "filename", None), getattr(c, "monitor", None),
-             getattr(c, "_every_n_train_steps", None), getattr(c, "_every_n_epochs", None),
-             str(getattr(c, "dirpath", None) or getattr(c, "path", "")), getattr(c, "refresh_rate", None))
-            for c in callbacks]
+    return [
+        (
+            type(c),
+            getattr(c, "filename", None),
+            getattr(c, "monitor", None),
+            getattr(c, "_every_n_train_steps", None),
+            getattr(c, "_every_n_epochs", None),
+            str(getattr(c, "dirpath", None) or getattr(c, "path", "")),
+            getattr(c, "refresh_rate", None),
+        )
+        for c in callbacks
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ callbacks, logger
@@ -67,20 +75,27 @@ def conf_with_user_files(tmp_path, monkeypatch) -> Path:
     # A second ModelCheckpoint of the user's, into each phase's directory (_partial_: completed with it).
     (conf / "callbacks/top_acc5.yaml").write_text(
         "top_acc5:\n  _target_: lightning.pytorch.callbacks.ModelCheckpoint\n  _partial_: true\n"
-        "  filename: top_acc5\n  monitor: val/acc5\n  mode: max\n  enable_version_counter: false\n")
+        "  filename: top_acc5\n  monitor: val/acc5\n  mode: max\n  enable_version_counter: false\n"
+    )
     # Lightning's own CSVLogger, which knows nothing of phases.
-    (conf / "logger/plain_csv.yaml").write_text("_target_: lightning.pytorch.loggers.CSVLogger\nname: plain\n"
-                                                "version: ''\n")
+    (conf / "logger/plain_csv.yaml").write_text(
+        "_target_: lightning.pytorch.loggers.CSVLogger\nname: plain\nversion: ''\n"
+    )
     monkeypatch.setattr(config_mod, "conf_dir", lambda: conf)
     return conf
 
 
 def test_presets_and_yaml_only_additions_take_part_in_training(conf_with_user_files, tmp_path):
     overrides = [
-        *FAST, NO_MAPS, f"paths.root={tmp_path}", "trainer.max_epochs=3", "logger=plain_csv",
+        *FAST,
+        NO_MAPS,
+        f"paths.root={tmp_path}",
+        "trainer.max_epochs=3",
+        "logger=plain_csv",
         "callbacks=[default,early_stopping,lr_monitor,throughput_monitor,top_acc5]",
         # No validation improves on the one before by 2: the fit stops after its second epoch, not its third.
-        "callbacks.early_stopping.patience=1", "callbacks.early_stopping.min_delta=2",
+        "callbacks.early_stopping.patience=1",
+        "callbacks.early_stopping.min_delta=2",
         "+callbacks.throughput_monitor.window_size=2",  # a rate from every 2 steps (Lightning's default: 100)
     ]
     cfg = compose_config(overrides)
@@ -114,11 +129,14 @@ def test_a_plain_lightning_logger_keeps_one_step_axis_across_phases(conf_with_us
     assert [int(r["step"]) for r in rows] == [3, 5]
 
 
-@pytest.mark.parametrize("override, package", [
-    ("callbacks=[default,rich_progress_bar]", "rich"),
-    ("logger=tensorboard", "tensorboard"),
-    ("logger=mlflow", "mlflow"),
-])
+@pytest.mark.parametrize(
+    "override, package",
+    [
+        ("callbacks=[default,rich_progress_bar]", "rich"),
+        ("logger=tensorboard", "tensorboard"),
+        ("logger=mlflow", "mlflow"),
+    ],
+)
 def test_a_preset_whose_package_is_missing_names_the_pip_install(override, package, tmp_path):
     if importlib.util.find_spec(package) is not None:
         pytest.skip(f"{package} is installed")
@@ -127,19 +145,25 @@ def test_a_preset_whose_package_is_missing_names_the_pip_install(override, packa
         build_callbacks(cfg.callbacks, tmp_path)
         build_logger(cfg.logger, tmp_path)
     message = str(err.value)
-    assert "\n" not in message and "not installed" in message and f"pip install -U {package}" in message.replace(
-        "'", "")
+    assert (
+        "\n" not in message and "not installed" in message and f"pip install -U {package}" in message.replace("'", "")
+    )
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["+callbacks.mine._target_=no.such.Callback"], "callbacks.mine._target_ cannot be imported"),
-    (["callbacks=[default,early_stopping]", "+callbacks.early_stopping.patients=3"],
-     "callbacks.early_stopping cannot be built (TypeError"),
-    (["+callbacks.mine.monitor=val/acc1"], "callbacks.mine has no _target_"),
-    (["+callbacks.mine._target_=torch.nn.Identity"], "not a Lightning Callback"),
-    (["logger._target_=torch.nn.Identity"], "is not a Lightning Logger class"),
-    (["logger=wandb", "logger.mode=sometimes"], "logger.mode='sometimes'; choose one of"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["+callbacks.mine._target_=no.such.Callback"], "callbacks.mine._target_ cannot be imported"),
+        (
+            ["callbacks=[default,early_stopping]", "+callbacks.early_stopping.patients=3"],
+            "callbacks.early_stopping cannot be built (TypeError",
+        ),
+        (["+callbacks.mine.monitor=val/acc1"], "callbacks.mine has no _target_"),
+        (["+callbacks.mine._target_=torch.nn.Identity"], "not a Lightning Callback"),
+        (["logger._target_=torch.nn.Identity"], "is not a Lightning Logger class"),
+        (["logger=wandb", "logger.mode=sometimes"], "logger.mode='sometimes'; choose one of"),
+    ],
+)
 def test_a_bad_entry_is_one_line_naming_it(overrides, fragment, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     cfg = compose_config(overrides)
@@ -166,45 +190,63 @@ def test_the_summary_reports_the_final_model_on_the_held_out_test_split(run_cfg)
     assert summary["test/acc1"] == pytest.approx(_accuracy(load_deployable(run_dir / "export"), test_set))
     assert 0 <= summary["test/acc1"] <= summary["test/acc5"] <= 1
     final = list(csv.DictReader((run_dir / "csv/metrics.csv").open()))[-1]
-    assert float(final["test/acc1"]) == pytest.approx(summary["test/acc1"]) and final["val/acc1"], \
+    assert float(final["test/acc1"]) == pytest.approx(summary["test/acc1"]) and final["val/acc1"], (
         "the final evaluation is one row with both splits"
+    )
 
 
 def test_synthetic_splits_are_disjoint():
     dm = build_datamodule(compose_config(["dataset.train_size=200", "dataset.val_size=100"]).dataset)
     assert len(dm.test_set) == 100, "the test split is as large as validation by default"
-    seen = {split: {image.tobytes() for image in data.images}
-            for split, data in (("train", dm.train_set), ("val", dm.val_set), ("test", dm.test_set))}
+    seen = {
+        split: {image.tobytes() for image in data.images}
+        for split, data in (("train", dm.train_set), ("val", dm.val_set), ("test", dm.test_set))
+    }
     assert not seen["test"] & seen["val"] and not seen["test"] & seen["train"] and not seen["val"] & seen["train"]
     assert build_datamodule(compose_config(["dataset.test_size=0"]).dataset).test_set is None
 
 
 def test_cifar_validates_on_held_out_training_images_and_tests_on_the_test_batch(tmp_path):
     root = write_cifar(tmp_path, per_batch=6)  # 30 training images, 6 in the test batch
-    cfg = compose_config(["dataset=cifar10", f"dataset.root={root}", "dataset.verify=false",
-                          "dataset.val_size=8"]).dataset
+    cfg = compose_config(
+        ["dataset=cifar10", f"dataset.root={root}", "dataset.verify=false", "dataset.val_size=8"]
+    ).dataset
     dm, again = build_datamodule(cfg), build_datamodule(cfg)
     train_rows = {row.tobytes() for row in dm.train_set.data}
     val_rows = {row.tobytes() for row in dm.val_set.data}
     assert len(dm.train_set) == 22 and len(dm.val_set) == 8 and not train_rows & val_rows
-    official = build_datamodule(compose_config(["dataset=cifar10", f"dataset.root={root}", "dataset.verify=false",
-                                                "dataset.val_size=29"]).dataset)
+    official = build_datamodule(
+        compose_config(
+            ["dataset=cifar10", f"dataset.root={root}", "dataset.verify=false", "dataset.val_size=29"]
+        ).dataset
+    )
     assert len(train_rows | val_rows) == 30 and len(official.test_set) == 6
     assert np.array_equal(dm.val_set.data, again.val_set.data), "every run validates on the same images"
     test_rows = {row.tobytes() for row in dm.test_set.data}
     assert [y for _, y in dm.test_set] == [i % 10 for i in range(30, 36)] and not test_rows & (train_rows | val_rows)
-    assert not torch.equal(dm.train_set[0][0], dm.train_set[0][0]) and torch.equal(dm.val_set[0][0],
-                                                                                   dm.val_set[0][0])
-    too_many = build_datamodule(compose_config(["dataset=cifar10", f"dataset.root={root}", "dataset.verify=false",
-                                                "dataset.val_size=30"]).dataset)
+    assert not torch.equal(dm.train_set[0][0], dm.train_set[0][0]) and torch.equal(dm.val_set[0][0], dm.val_set[0][0])
+    too_many = build_datamodule(
+        compose_config(
+            ["dataset=cifar10", f"dataset.root={root}", "dataset.verify=false", "dataset.val_size=30"]
+        ).dataset
+    )
     with pytest.raises(Exception, match="dataset.val_size=30: CIFAR-10 holds 30 training images"):
         too_many.num_classes
 
 
 def _folder_overrides(root: Path, tmp_path: Path) -> list[str]:
-    return [*FAST_TRAINER, NO_MAPS, "dataset=imagefolder", f"dataset.root={root}", "dataset.num_workers=0",
-            "dataset.batch_size=4", "dataset.aug.mixup=0", "dataset.aug.cutmix=0", "dataset.aug.auto_augment=null",
-            f"paths.root={tmp_path}"]
+    return [
+        *FAST_TRAINER,
+        NO_MAPS,
+        "dataset=imagefolder",
+        f"dataset.root={root}",
+        "dataset.num_workers=0",
+        "dataset.batch_size=4",
+        "dataset.aug.mixup=0",
+        "dataset.aug.cutmix=0",
+        "dataset.aug.auto_augment=null",
+        f"paths.root={tmp_path}",
+    ]
 
 
 def test_an_image_folder_tests_on_its_test_folder(tmp_path):

@@ -86,8 +86,14 @@ def test_synthetic_rejects_pil_augmentations():
 
 # ------------------------------------------------------------------------------------------------ CIFAR
 def test_cifar10_reads_torchvisions_pickled_batches(tmp_path):
-    cfg = dataset_cfg("dataset=cifar10", f"dataset.root={write_cifar(tmp_path)}", "dataset.verify=false",
-                      "dataset.batch_size=4", "dataset.num_workers=0", "dataset.val_size=4")
+    cfg = dataset_cfg(
+        "dataset=cifar10",
+        f"dataset.root={write_cifar(tmp_path)}",
+        "dataset.verify=false",
+        "dataset.batch_size=4",
+        "dataset.num_workers=0",
+        "dataset.val_size=4",
+    )
     dm = build_datamodule(cfg)
     assert dm.num_classes == 10 and len(dm.train_set) == 16 and len(dm.val_set) == 4 and len(dm.test_set) == 4
     images, labels = next(iter(dm.train_dataloader()))
@@ -98,8 +104,12 @@ def test_cifar10_reads_torchvisions_pickled_batches(tmp_path):
 
 
 def test_cifar100_uses_the_fine_labels(tmp_path):
-    cfg = dataset_cfg("dataset=cifar100", f"dataset.root={write_cifar(tmp_path, hundred=True)}", "dataset.verify=false",
-                      "dataset.val_size=2")
+    cfg = dataset_cfg(
+        "dataset=cifar100",
+        f"dataset.root={write_cifar(tmp_path, hundred=True)}",
+        "dataset.verify=false",
+        "dataset.val_size=2",
+    )
     dm = build_datamodule(cfg)
     assert dm.num_classes == 100 and sorted({y for _, y in dm.test_set}) == [4, 5, 6, 7]
 
@@ -159,11 +169,14 @@ def test_image_folder_class_count_is_checked(tmp_path):
         dm.num_classes
 
 
-@pytest.mark.parametrize("layout, fragment", [
-    ("no_root", "does not exist"),
-    ("no_val", "val does not exist"),
-    ("no_images", "no usable images"),
-])
+@pytest.mark.parametrize(
+    "layout, fragment",
+    [
+        ("no_root", "does not exist"),
+        ("no_val", "val does not exist"),
+        ("no_images", "no usable images"),
+    ],
+)
 def test_image_folder_layout_errors_are_one_line(tmp_path, layout, fragment):
     root = tmp_path / "data"
     if layout != "no_root":
@@ -188,8 +201,11 @@ def test_empty_image_files_are_reported_up_front(tmp_path):
 def test_unreadable_image_is_one_line_naming_the_file(tmp_path, workers):
     root = write_image_folder(tmp_path, {"ant": 1}, {"ant": 1})
     (root / "val" / "ant" / "0.png").write_bytes(b"not a png at all")
-    dm = build_datamodule(dataset_cfg("dataset=imagefolder", f"dataset.root={root}", "dataset.batch_size=1",
-                                      f"dataset.num_workers={workers}"))
+    dm = build_datamodule(
+        dataset_cfg(
+            "dataset=imagefolder", f"dataset.root={root}", "dataset.batch_size=1", f"dataset.num_workers={workers}"
+        )
+    )
     with pytest.raises(DatasetError) as err:
         next(iter(dm.val_dataloader()))
     message = str(err.value)
@@ -204,8 +220,9 @@ def _types(transform) -> list[type]:
 def test_deit_training_transforms_come_from_timm():
     kinds = _types(train_transform(dataset_cfg("dataset=cifar10")))
     assert {RandAugment, RandomErasing, T.RandomHorizontalFlip} <= set(kinds)
-    plain = _types(train_transform(dataset_cfg("dataset=cifar10", "dataset.aug.auto_augment=null",
-                                               "dataset.aug.re_prob=0")))
+    plain = _types(
+        train_transform(dataset_cfg("dataset=cifar10", "dataset.aug.auto_augment=null", "dataset.aug.re_prob=0"))
+    )
     assert RandAugment not in plain and RandomErasing not in plain
 
 
@@ -226,8 +243,14 @@ def test_mixup_cutmix_give_soft_smoothed_targets():
 
 
 def test_repeated_augmentation_uses_timms_sampler(tmp_path):
-    cfg = dataset_cfg("dataset=cifar10", f"dataset.root={write_cifar(tmp_path)}", "dataset.verify=false",
-                      "dataset.aug.repeated_aug=true", "dataset.batch_size=2", "dataset.num_workers=0",
-                      "dataset.val_size=4")
+    cfg = dataset_cfg(
+        "dataset=cifar10",
+        f"dataset.root={write_cifar(tmp_path)}",
+        "dataset.verify=false",
+        "dataset.aug.repeated_aug=true",
+        "dataset.batch_size=2",
+        "dataset.num_workers=0",
+        "dataset.val_size=4",
+    )
     loader = build_datamodule(cfg).train_dataloader()
     assert isinstance(loader.sampler, RepeatAugSampler) and loader.sampler.num_repeats == 3

@@ -22,7 +22,12 @@ from tokred.flops import count_params, counted_gmacs
 from tokred.reducers import create_reducer
 from tokred.reducers.base import TokenReducer
 from tokred.reducers.dynamicvit import (
-    Config, DynamicViT, attention_mask, keep_counts, ratio_loss, token_distillation,
+    Config,
+    DynamicViT,
+    attention_mask,
+    keep_counts,
+    ratio_loss,
+    token_distillation,
 )
 from tokred.training.optim import build_param_groups
 from tokred.training.phases import read_phase
@@ -58,17 +63,22 @@ def pruned_run(model: DynamicViT, x: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def decisions_of(orders: dict[int, torch.Tensor]):
     """A ``decide`` for the training forward that keeps exactly the tokens the pruned forward kept at each stage."""
+
     def decide(stage: int, log_probs: torch.Tensor) -> torch.Tensor:
         keep = torch.zeros(log_probs.shape[:2])
         return keep.scatter_(1, orders[LOCS[stage]], 1.0)
+
     return decide
 
 
 # ---------------------------------------------------------------- parity and the train/eval equivalence
 
 
-@pytest.mark.parametrize("variant", [{}, {"init_values": 0.1, "qk_norm": True}, {"qkv_bias": False}],
-                         ids=["deit", "layerscale+qknorm", "no-qkv-bias"])
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"init_values": 0.1, "qk_norm": True}, {"qkv_bias": False}],
+    ids=["deit", "layerscale+qknorm", "no-qkv-bias"],
+)
 def test_keep_ratio_one_gives_the_baseline_logits(make_vit, variant):
     vit = make_vit(**variant)
     x = images()
@@ -94,8 +104,9 @@ def test_masked_training_equals_pruned_inference_with_the_same_hard_masks(make_v
         train_logits, patch_tokens, decisions = model._masked_forward(x, decisions_of(orders))
     torch.testing.assert_close(train_logits, logits, atol=1e-4, rtol=1e-4)
     # The tokens the pruned model kept to the end have the same features in the full-length masked run.
-    torch.testing.assert_close(patch_tokens.gather(1, orders[3].unsqueeze(-1).expand(-1, -1, 32)),
-                               kept_tokens[:, 1:], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        patch_tokens.gather(1, orders[3].unsqueeze(-1).expand(-1, -1, 32)), kept_tokens[:, 1:], atol=1e-4, rtol=1e-4
+    )
     assert [d.sum(1).tolist() for d in decisions] == [[k] * 3 for k in keep_counts(16, keep_ratio, 3)]
     # The masks are what makes them agree: without them the full-length run sees the dropped tokens.
     with torch.no_grad():
@@ -192,12 +203,16 @@ def test_ratio_loss_is_zero_at_the_target_share_and_weighted_in_the_total(make_v
     assert ratio_loss(off, rho).item() == pytest.approx(rho**6)
     model = dyn(make_vit(), keep_ratio=rho, ratio_weight=2.0).train()
     teacher = freeze(model.build_teacher())
-    monkeypatch.setattr(model, "_masked_forward",
-                        lambda x: DynamicViT._masked_forward(model, x, lambda s, lp: exact[s][:, : lp.shape[1]][:3]))
+    monkeypatch.setattr(
+        model,
+        "_masked_forward",
+        lambda x: DynamicViT._masked_forward(model, x, lambda s, lp: exact[s][:, : lp.shape[1]][:3]),
+    )
     _, terms = model.losses(images(), torch.arange(3), F.cross_entropy, teacher)
     assert set(terms) == {"ce", "ratio", "kl", "token_mse"} and terms["ratio"].item() == 0.0
-    monkeypatch.setattr(model, "_masked_forward",
-                        lambda x: DynamicViT._masked_forward(model, x, lambda s, lp: off[s][:3]))
+    monkeypatch.setattr(
+        model, "_masked_forward", lambda x: DynamicViT._masked_forward(model, x, lambda s, lp: off[s][:3])
+    )
     _, terms = model.losses(images(), torch.arange(3), F.cross_entropy, teacher)
     assert terms["ratio"].item() == pytest.approx(2.0 / 3 * rho**6)
 
@@ -205,8 +220,9 @@ def test_ratio_loss_is_zero_at_the_target_share_and_weighted_in_the_total(make_v
 def test_distillation_terms_vanish_when_nothing_is_dropped(make_vit, monkeypatch):
     model = dyn(make_vit(), keep_ratio=0.5).train()
     teacher = freeze(model.build_teacher())
-    monkeypatch.setattr(model, "_masked_forward",
-                        lambda x: DynamicViT._masked_forward(model, x, lambda s, lp: torch.ones(lp.shape[:2])))
+    monkeypatch.setattr(
+        model, "_masked_forward", lambda x: DynamicViT._masked_forward(model, x, lambda s, lp: torch.ones(lp.shape[:2]))
+    )
     logits, terms = model.losses(images(), torch.arange(3), F.cross_entropy, teacher)
     assert terms["kl"].item() == pytest.approx(0.0, abs=1e-6)
     assert terms["token_mse"].item() == pytest.approx(0.0, abs=1e-10)
@@ -306,10 +322,13 @@ def test_the_paper_point_on_deit_small_matches_the_spec_analytic_and_counted():
     assert round(row["params_m"] * 1e6) == pytest.approx(22_774_414, abs=100)
 
 
-@pytest.mark.parametrize("backbone, keep_ratio, gmacs, tokens, params", [
-    ("deit_small", 0.5, 2.229, [197] * 3 + [99] * 3 + [50] * 3 + [25] * 3, 22_774_414),
-    ("deit_base", 0.7, 11.476, [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3, 89_452_846),
-])
+@pytest.mark.parametrize(
+    "backbone, keep_ratio, gmacs, tokens, params",
+    [
+        ("deit_small", 0.5, 2.229, [197] * 3 + [99] * 3 + [50] * 3 + [25] * 3, 22_774_414),
+        ("deit_base", 0.7, 11.476, [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3, 89_452_846),
+    ],
+)
 def test_other_operating_points_match_the_spec(backbone, keep_ratio, gmacs, tokens, params):
     model = create_reducer({"name": "dynamicvit", "keep_ratio": keep_ratio}, shapes_only(backbone))
     assert model.cost().tokens_per_block == tokens
@@ -330,10 +349,14 @@ def test_paper_preset_is_the_spec_operating_point():
     assert count_params(model) == 22_774_414
 
 
-@pytest.mark.parametrize("knobs", [
-    {"keep_ratio": 0.5, "pruning_loc": LOCS}, {"keep_ratio": 0.35, "pruning_loc": [0, 2]},
-    {"keep_ratio": 0.9, "pruning_loc": [3]},
-])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"keep_ratio": 0.5, "pruning_loc": LOCS},
+        {"keep_ratio": 0.35, "pruning_loc": [0, 2]},
+        {"keep_ratio": 0.9, "pruning_loc": [3]},
+    ],
+)
 def test_analytic_cost_matches_the_counter(make_vit, knobs):
     model = create_reducer({"name": "dynamicvit", **knobs}, make_vit(depth=4))
     assert counted_gmacs(model.deployable(), 32) == pytest.approx(model.cost().gmacs, rel=1e-3)
@@ -372,21 +395,24 @@ def test_unreachable_budgets_say_what_is_reachable(make_vit):
 # ---------------------------------------------------------------- knobs
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("reducer.keep_ratio=0", "reducer.keep_ratio=0.0 must be in (0, 1]"),
-    ("reducer.keep_ratio=1.2", "reducer.keep_ratio=1.2"),
-    ("reducer.pruning_loc=[]", "reducer.pruning_loc=[]"),
-    ("reducer.pruning_loc=[6,3]", "increasing block indices"),
-    ("reducer.pruning_loc=[-1,3]", "increasing block indices >= 0"),
-    ("reducer.ratio_weight=-1", "reducer.ratio_weight=-1.0 must be >= 0"),
-    ("reducer.kl_weight=-0.5", "reducer.kl_weight"),
-    ("reducer.token_weight=-0.5", "reducer.token_weight"),
-    ("reducer.backbone_lr_scale=-1", "reducer.backbone_lr_scale"),
-    ("reducer.gumbel_tau=0", "reducer.gumbel_tau=0.0 must be > 0"),
-    ("reducer.freeze_backbone_epochs=-1", "reducer.freeze_backbone_epochs"),
-    ("+reducer.rho=0.7", "valid knobs"),
-    ("reducer.finetune_epochs=0", "DynamicViT is not training-free"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("reducer.keep_ratio=0", "reducer.keep_ratio=0.0 must be in (0, 1]"),
+        ("reducer.keep_ratio=1.2", "reducer.keep_ratio=1.2"),
+        ("reducer.pruning_loc=[]", "reducer.pruning_loc=[]"),
+        ("reducer.pruning_loc=[6,3]", "increasing block indices"),
+        ("reducer.pruning_loc=[-1,3]", "increasing block indices >= 0"),
+        ("reducer.ratio_weight=-1", "reducer.ratio_weight=-1.0 must be >= 0"),
+        ("reducer.kl_weight=-0.5", "reducer.kl_weight"),
+        ("reducer.token_weight=-0.5", "reducer.token_weight"),
+        ("reducer.backbone_lr_scale=-1", "reducer.backbone_lr_scale"),
+        ("reducer.gumbel_tau=0", "reducer.gumbel_tau=0.0 must be > 0"),
+        ("reducer.freeze_backbone_epochs=-1", "reducer.freeze_backbone_epochs"),
+        ("+reducer.rho=0.7", "valid knobs"),
+        ("reducer.finetune_epochs=0", "DynamicViT is not training-free"),
+    ],
+)
 def test_bad_knobs_are_one_line_errors(override, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)) as err:
         validate(compose_config(["reducer=dynamicvit", override]))
@@ -398,10 +424,13 @@ def test_a_training_free_request_names_the_training_command(run_cfg):
         train(run_cfg("reducer=dynamicvit", "reducer.finetune_epochs=0"))
 
 
-@pytest.mark.parametrize("knobs, fragment", [
-    ({"pruning_loc": [3, 6, 9]}, "below the backbone depth 4"),
-    ({"keep_ratio": 0.3}, "keeps no patch token in stage 3"),
-])
+@pytest.mark.parametrize(
+    "knobs, fragment",
+    [
+        ({"pruning_loc": [3, 6, 9]}, "below the backbone depth 4"),
+        ({"keep_ratio": 0.3}, "keeps no patch token in stage 3"),
+    ],
+)
 def test_knobs_that_do_not_fit_the_backbone_fail_at_construction(make_vit, knobs, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
         create_reducer({"name": "dynamicvit", "pruning_loc": LOCS, **knobs}, make_vit())
@@ -429,8 +458,13 @@ def test_a_fine_tuning_run_freezes_then_trains_and_exports(run_cfg, tmp_path):
     base = create_backbone(compose_config(SMALL[:1]).backbone, 10)
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(start))
     initial = base.state_dict()
-    cfg = run_cfg("reducer=dynamicvit", *SMALL, "reducer.freeze_backbone_epochs=1", f"backbone.checkpoint={start}",
-                  "visualize.every_n_epochs=0")
+    cfg = run_cfg(
+        "reducer=dynamicvit",
+        *SMALL,
+        "reducer.freeze_backbone_epochs=1",
+        f"backbone.checkpoint={start}",
+        "visualize.every_n_epochs=0",
+    )
     summary = train(cfg)
     run_dir = Path(cfg.paths.output_dir)
     assert summary["model/tokens_per_block"] == [65, 45, 32, 22]  # int(64 * 0.7 ** s) + CLS
@@ -443,8 +477,10 @@ def test_a_fine_tuning_run_freezes_then_trains_and_exports(run_cfg, tmp_path):
     after_frozen = read_phase(run_dir / "phases" / "predictors.pt")["state_dict"]
     after_joint = read_phase(run_dir / "phases" / "finetune.pt")["state_dict"]
     assert all(torch.equal(after_frozen[f"vit.{k}"], v) for k, v in initial.items())  # the backbone stayed put
-    assert not torch.equal(after_frozen["score_predictor.0.in_conv.1.weight"],
-                           build_model(cfg, 10).state_dict()["score_predictor.0.in_conv.1.weight"])
+    assert not torch.equal(
+        after_frozen["score_predictor.0.in_conv.1.weight"],
+        build_model(cfg, 10).state_dict()["score_predictor.0.in_conv.1.weight"],
+    )
     assert not torch.equal(after_joint["vit.blocks.0.attn.qkv.weight"], initial["blocks.0.attn.qkv.weight"])
     for frozen in ("pos_embed", "cls_token"):
         assert torch.equal(after_joint[f"vit.{frozen}"], initial[frozen])

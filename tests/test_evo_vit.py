@@ -121,9 +121,15 @@ def sort_points(model, x, monkeypatch) -> list[int]:
     return [events[j + 1] for j, e in enumerate(events) if e == "sort"]
 
 
-@pytest.mark.parametrize("depth, start_layer, num_stages, starts", [
-    (12, 4, 2, [4, 8]), (8, 2, 2, [2, 5]), (12, 3, 3, [3, 6, 9]), (16, 4, 2, [4, 10]),
-])
+@pytest.mark.parametrize(
+    "depth, start_layer, num_stages, starts",
+    [
+        (12, 4, 2, [4, 8]),
+        (8, 2, 2, [2, 5]),
+        (12, 3, 3, [3, 6, 9]),
+        (16, 4, 2, [4, 10]),
+    ],
+)
 def test_stage_mode_sorts_exactly_at_the_stage_starts_derived_from_depth(
     make_vit, monkeypatch, depth, start_layer, num_stages, starts
 ):
@@ -168,8 +174,11 @@ def test_layer_to_stage_switch_at_two_thirds_of_the_epochs(make_vit, monkeypatch
 # ---------------------------------------------------------------- heads, loss, gradients, export
 
 
-@pytest.mark.parametrize("knobs", [{}, {"fast_update": "rep_token"}, {"head": "cls"}, {"mode": "layer"}],
-                         ids=["paper", "rep", "cls", "layer"])
+@pytest.mark.parametrize(
+    "knobs",
+    [{}, {"fast_update": "rep_token"}, {"head": "cls"}, {"mode": "layer"}],
+    ids=["paper", "rep", "cls", "layer"],
+)
 @pytest.mark.parametrize("epoch", [0, 9], ids=["layer-wise", "stage-wise"])
 def test_gradients_reach_every_trainable_parameter(make_vit, knobs, epoch):
     model = evo(make_vit(depth=8, init_values=0.1), start_layer=2, **knobs).train()
@@ -207,8 +216,14 @@ def test_paper_gmacs_and_counted_flops_agree(backbone, paper):
     assert row["tokens_per_block"] == [197] * 4 + [99] * 8
 
 
-@pytest.mark.parametrize("knobs", [{"fast_update": "rep_token"}, {"mode": "layer", "fast_update": "rep_token"},
-                                   {"keep_ratio": 0.3, "start_layer": 1, "num_stages": 3}])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"fast_update": "rep_token"},
+        {"mode": "layer", "fast_update": "rep_token"},
+        {"keep_ratio": 0.3, "start_layer": 1, "num_stages": 3},
+    ],
+)
 def test_analytic_cost_matches_the_counter_for_every_variant(make_vit, knobs):
     model = evo(make_vit(depth=8), **knobs)
     assert counted_gmacs(model.deployable(), 32) == pytest.approx(model.cost().gmacs, rel=0.005)
@@ -232,29 +247,35 @@ def test_unreachable_budget_names_the_range(make_vit):
 # ---------------------------------------------------------------- knobs and warnings
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("reducer.keep_ratio=0", "reducer.keep_ratio=0.0 must be in (0, 1]"),
-    ("reducer.keep_ratio=1.5", "reducer.keep_ratio"),
-    ("reducer.start_layer=0", "reducer.start_layer=0 must be >= 1"),
-    ("reducer.tradeoff=-0.1", "reducer.tradeoff"),
-    ("reducer.fast_update=rep", "choose one of: identity, rep_token"),
-    ("reducer.mode=block", "choose one of: stage, layer"),
-    ("reducer.head=avg", "choose one of: gap, cls"),
-    ("reducer.num_stages=0", "reducer.num_stages"),
-    ("reducer.stage_switch=1.5", "reducer.stage_switch"),
-    ("reducer.aux_weight=1", "reducer.aux_weight"),
-    ("+reducer.keep=0.5", "valid knobs"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("reducer.keep_ratio=0", "reducer.keep_ratio=0.0 must be in (0, 1]"),
+        ("reducer.keep_ratio=1.5", "reducer.keep_ratio"),
+        ("reducer.start_layer=0", "reducer.start_layer=0 must be >= 1"),
+        ("reducer.tradeoff=-0.1", "reducer.tradeoff"),
+        ("reducer.fast_update=rep", "choose one of: identity, rep_token"),
+        ("reducer.mode=block", "choose one of: stage, layer"),
+        ("reducer.head=avg", "choose one of: gap, cls"),
+        ("reducer.num_stages=0", "reducer.num_stages"),
+        ("reducer.stage_switch=1.5", "reducer.stage_switch"),
+        ("reducer.aux_weight=1", "reducer.aux_weight"),
+        ("+reducer.keep=0.5", "valid knobs"),
+    ],
+)
 def test_bad_knobs_are_rejected_up_front(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         validate(compose_config(["reducer=evo_vit", override]))
 
 
-@pytest.mark.parametrize("knobs, fragment", [
-    ({"start_layer": 12}, "below the backbone depth 12"),
-    ({"num_stages": 9}, "exceeds the 8 blocks"),
-    ({"keep_ratio": 0.05}, "keeps none of the 16 patch tokens"),
-])
+@pytest.mark.parametrize(
+    "knobs, fragment",
+    [
+        ({"start_layer": 12}, "below the backbone depth 12"),
+        ({"num_stages": 9}, "exceeds the 8 blocks"),
+        ({"keep_ratio": 0.05}, "keeps none of the 16 patch tokens"),
+    ],
+)
 def test_knobs_that_do_not_fit_the_backbone_are_rejected(make_vit, knobs, fragment):
     with pytest.raises(ValueError, match=fragment):
         evo(make_vit(depth=12), **knobs)
@@ -289,11 +310,24 @@ def test_paper_preset_composes_the_recipe():
 
 
 # A 4-block, 48-wide deit_tiny_cpu on 16 patches of 16 px: ~20 s of CPU for 320 steps, enough to learn 4 shapes.
-SMALL_RUN = ["reducer=evo_vit", "reducer.start_layer=2", "reducer.num_stages=1", "backbone.patch_size=16",
-             "+backbone.kwargs.patch_size=16", "+backbone.kwargs.embed_dim=48", "+backbone.kwargs.depth=4",
-             "dataset.num_classes=4", "dataset.train_size=2048", "dataset.val_size=256", "dataset.batch_size=64",
-             "trainer.max_epochs=10", "trainer.limit_train_batches=null", "trainer.limit_val_batches=null",
-             "optim.lr=5e-3", "optim.warmup_epochs=1"]
+SMALL_RUN = [
+    "reducer=evo_vit",
+    "reducer.start_layer=2",
+    "reducer.num_stages=1",
+    "backbone.patch_size=16",
+    "+backbone.kwargs.patch_size=16",
+    "+backbone.kwargs.embed_dim=48",
+    "+backbone.kwargs.depth=4",
+    "dataset.num_classes=4",
+    "dataset.train_size=2048",
+    "dataset.val_size=256",
+    "dataset.batch_size=64",
+    "trainer.max_epochs=10",
+    "trainer.limit_train_batches=null",
+    "trainer.limit_val_batches=null",
+    "optim.lr=5e-3",
+    "optim.warmup_epochs=1",
+]
 
 
 def test_a_short_run_learns_switches_to_stage_wise_and_exports_without_the_auxiliary_head(run_cfg, monkeypatch):

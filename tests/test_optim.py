@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_REDUCER
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler, create_scheduler_v2
 
+from conftest import TINY_REDUCER
 from tokred.config import compose_config
 from tokred.training.module import TokredModule
 from tokred.training.optim import build_optimizer, build_scheduler, effective_lr, scheduler_interval, step_scheduler
@@ -65,8 +65,15 @@ def deit_loop(model, optim: dict, lr: float, epochs: int) -> list[dict[str, floa
     """DeiT's main.py (Evo-ViT, ViT-Slim retrain.py, EViT): timm's create_optimizer / create_scheduler from its args,
     ``lr_scheduler.step(epoch)`` after each epoch."""
     optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=optim["weight_decay"])
-    args = SimpleNamespace(sched=optim["scheduler"], epochs=epochs, warmup_epochs=optim["warmup_epochs"],
-                           warmup_lr=optim["warmup_lr"], min_lr=optim["min_lr"], cooldown_epochs=10, decay_epochs=30)
+    args = SimpleNamespace(
+        sched=optim["scheduler"],
+        epochs=epochs,
+        warmup_epochs=optim["warmup_epochs"],
+        warmup_lr=optim["warmup_lr"],
+        min_lr=optim["min_lr"],
+        cooldown_epochs=10,
+        decay_epochs=30,
+    )
     lr_scheduler, _ = create_scheduler(args, optimizer)
     curve = []
     for epoch in range(epochs):
@@ -78,9 +85,16 @@ def deit_loop(model, optim: dict, lr: float, epochs: int) -> list[dict[str, floa
 def per_update_loop(model, optim: dict, lr: float, epochs: int) -> list[dict[str, float]]:
     """timm's train.py with --sched-on-updates (Haurum et al.'s Top-K): step_update after every update."""
     optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=optim["weight_decay"])
-    scheduler, _ = create_scheduler_v2(optimizer, "cosine", num_epochs=epochs, warmup_epochs=optim["warmup_epochs"],
-                                       warmup_lr=optim["warmup_lr"], min_lr=optim["min_lr"], step_on_epochs=False,
-                                       updates_per_epoch=UPDATES)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        "cosine",
+        num_epochs=epochs,
+        warmup_epochs=optim["warmup_epochs"],
+        warmup_lr=optim["warmup_lr"],
+        min_lr=optim["min_lr"],
+        step_on_epochs=False,
+        updates_per_epoch=UPDATES,
+    )
     curve = []
     for update in range(epochs * UPDATES):
         curve.append(lr_by_param(model, optimizer))
@@ -88,16 +102,19 @@ def per_update_loop(model, optim: dict, lr: float, epochs: int) -> list[dict[str
     return curve
 
 
-@pytest.mark.parametrize("preset, phase, official", [
-    ("evo_vit_deit_s", None, deit_loop),
-    ("vit_slim_deit_s", "retrain", deit_loop),
-    ("vit_slim_deit_b", "retrain", deit_loop),
-    ("evit_deit_s", None, deit_loop),
-    ("tome_deit_s", None, deit_loop),
-    ("ats_deit_s", None, deit_loop),
-    ("ps_vit_s", "finetune", deit_loop),
-    ("topk_deit_s", None, per_update_loop),
-])
+@pytest.mark.parametrize(
+    "preset, phase, official",
+    [
+        ("evo_vit_deit_s", None, deit_loop),
+        ("vit_slim_deit_s", "retrain", deit_loop),
+        ("vit_slim_deit_b", "retrain", deit_loop),
+        ("evit_deit_s", None, deit_loop),
+        ("tome_deit_s", None, deit_loop),
+        ("ats_deit_s", None, deit_loop),
+        ("ps_vit_s", "finetune", deit_loop),
+        ("topk_deit_s", None, per_update_loop),
+    ],
+)
 def test_each_presets_lr_equals_its_official_loop_per_parameter_at_every_update(preset, phase, official):
     model, optim, lr, epochs = preset_fit(preset, phase)
     ours, theirs = tokred_curve(model, optim, lr, epochs), official(model, optim, lr, epochs)
@@ -133,14 +150,22 @@ def record_lrs(seen: list):
     def hook(self, batch, batch_idx):
         optimizer = self.trainer.optimizers[0]
         seen.append((self.current_epoch, lr_by_param(self.model, optimizer)))
+
     return hook
 
 
 def test_a_per_epoch_schedule_steps_at_epoch_ends_and_resumes_after_a_kill(run_cfg, monkeypatch):
     # DeiT's loop in a real fit: 5 epochs of 2 updates, 2 warm-up epochs, the LR lagging one epoch; killed at the
     # start of epoch 3, resumed from the end-of-epoch-2 checkpoint.
-    overrides = ("trainer.max_epochs=5", "optim.per_epoch=true", "optim.lag_one_epoch=true", "optim.warmup_epochs=2",
-                 "optim.lr=1e-2", "checkpoint.every_n_train_steps=0", NO_MAPS)
+    overrides = (
+        "trainer.max_epochs=5",
+        "optim.per_epoch=true",
+        "optim.lag_one_epoch=true",
+        "optim.warmup_epochs=2",
+        "optim.lr=1e-2",
+        "checkpoint.every_n_train_steps=0",
+        NO_MAPS,
+    )
     cfg = run_cfg(*overrides)
     seen: list = []
     record = record_lrs(seen)
@@ -190,7 +215,9 @@ def test_the_weight_ema_follows_each_update_is_validated_and_resumes(run_cfg, mo
             train(cfg)
     saved = torch.load(run_dir / "checkpoints/train/last.ckpt", weights_only=True)["state_dict"]
     ema = {k.removeprefix("ema.module."): v for k, v in saved.items() if k.startswith("ema.module.")}
-    assert ema and ema.keys() == {k.removeprefix("model."): v for k, v in saved.items() if k.startswith("model.")}.keys()
+    assert (
+        ema and ema.keys() == {k.removeprefix("model."): v for k, v in saved.items() if k.startswith("model.")}.keys()
+    )
     assert any(not torch.equal(ema[k], saved[f"model.{k}"]) for k in ema)
 
     resumed = {}

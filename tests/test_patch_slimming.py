@@ -72,8 +72,9 @@ def test_pruned_block_equals_timm_block_rows(variant):
     for block in (1, 2):  # block 1: subset of all inputs; block 2: subset of a compact input
         x_in = model.run_blocks(x, 0, block)
         rows = ps.local_positions(keep[block], keep[block - 1])
-        torch.testing.assert_close(model.run_blocks(x_in, block, block + 1), vit.blocks[block](x_in)[:, rows],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model.run_blocks(x_in, block, block + 1), vit.blocks[block](x_in)[:, rows], atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -157,14 +158,17 @@ def test_hybrid_forward_score_equals_path_enumeration_over_timm_attention():
 
 
 # ------------------------------------------------------------------------------------------ schedules and config
-@pytest.mark.parametrize("keep, message", [
-    ([[0, 1, 2], [0, 1], [0, 2], [0]], "nested"),
-    ([[0, 1, 2], [1, 2], [1], [0]], "CLS"),
-    ([[0, 1, 2], [0, 1], [0, 1], [0, 1]], "only CLS"),
-    ([[0, 1], [0]], "each of the 4 blocks"),
-    ([[0, 1, 1], [0, 1], [0], [0]], "twice"),
-    ([[0, 99], [0], [0], [0]], "outside"),
-])
+@pytest.mark.parametrize(
+    "keep, message",
+    [
+        ([[0, 1, 2], [0, 1], [0, 2], [0]], "nested"),
+        ([[0, 1, 2], [1, 2], [1], [0]], "CLS"),
+        ([[0, 1, 2], [0, 1], [0, 1], [0, 1]], "only CLS"),
+        ([[0, 1], [0]], "each of the 4 blocks"),
+        ([[0, 1, 1], [0, 1], [0], [0]], "twice"),
+        ([[0, 99], [0], [0], [0]], "outside"),
+    ],
+)
 def test_invalid_schedules_are_rejected_with_the_reason(keep, message):
     with pytest.raises(ValueError, match=message):
         ps.check_schedule(keep, 17, 4)
@@ -187,15 +191,18 @@ def test_schedule_file_errors_are_clear(tmp_path):
     assert slimmed(vit, schedule=str(bare)).cost().tokens_per_block == [17, 3, 2, 1]
 
 
-@pytest.mark.parametrize("knobs, message", [
-    ({"group_size": 0}, "reducer.group_size"),
-    ({"epsilon": 0.0}, "reducer.epsilon"),
-    ({"score_input": "ln"}, "raw, norm1"),
-    ({"error_target": "eq3"}, "pruned_next, original"),
-    ({"bisect_rtol": 1.5}, "reducer.bisect_rtol"),
-    ({"schedule": "/nonexistent.json"}, "does not exist"),
-    ({"finetune_epochs": -1}, "reducer.finetune_epochs"),
-])
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        ({"group_size": 0}, "reducer.group_size"),
+        ({"epsilon": 0.0}, "reducer.epsilon"),
+        ({"score_input": "ln"}, "raw, norm1"),
+        ({"error_target": "eq3"}, "pruned_next, original"),
+        ({"bisect_rtol": 1.5}, "reducer.bisect_rtol"),
+        ({"schedule": "/nonexistent.json"}, "does not exist"),
+        ({"finetune_epochs": -1}, "reducer.finetune_epochs"),
+    ],
+)
 def test_config_range_checks_name_the_knob(knobs, message):
     with pytest.raises(ValueError, match=message):
         reducer_config({"name": "patch_slimming", **knobs})
@@ -211,8 +218,10 @@ def test_next_epsilon_brackets_then_bisects_geometrically():
 
 
 # ------------------------------------------------------------------------------------------ cost model
-@pytest.mark.parametrize("model_name, paper", [
-    ("deit_tiny_patch16_224", 1.25), ("deit_small_patch16_224", 4.60), ("deit_base_patch16_224", 17.56)])
+@pytest.mark.parametrize(
+    "model_name, paper",
+    [("deit_tiny_patch16_224", 1.25), ("deit_small_patch16_224", 4.60), ("deit_base_patch16_224", 17.56)],
+)
 def test_unpruned_deit_gmacs_match_the_paper(model_name, paper):
     model = slimmed(timm.create_model(model_name, device="meta"))  # the cost model needs shapes only
     assert model.schedule["source"] == "dense"
@@ -289,9 +298,17 @@ def test_fit_to_budget_lands_at_or_just_under_target_in_rank_order(offset):
 
 # ------------------------------------------------------------------------------------------ search
 SEARCH = [
-    "backbone.img_size=32", "+backbone.kwargs={embed_dim: 32, num_heads: 2, depth: 4}", "reducer=patch_slimming",
-    "reducer.group_size=4", "reducer.block_epochs=1", "reducer.block_lr=1e-3", "reducer.score_images=16",
-    "reducer.cache_images=32", "reducer.holdout_images=16", "reducer.block_batch_size=16", "reducer.epsilon=0.01",
+    "backbone.img_size=32",
+    "+backbone.kwargs={embed_dim: 32, num_heads: 2, depth: 4}",
+    "reducer=patch_slimming",
+    "reducer.group_size=4",
+    "reducer.block_epochs=1",
+    "reducer.block_lr=1e-3",
+    "reducer.score_images=16",
+    "reducer.cache_images=32",
+    "reducer.holdout_images=16",
+    "reducer.block_batch_size=16",
+    "reducer.epsilon=0.01",
     "reducer.finetune_epochs=1",
 ]
 
@@ -394,8 +411,11 @@ def test_interrupted_search_resumes_from_the_last_finished_layer(searched, tmp_p
     monkeypatch.setattr(ps, "_save_progress", save)
     searched_blocks = []
     search_block = ps.SlimmingSearch.search_block
-    monkeypatch.setattr(ps.SlimmingSearch, "search_block",
-                        lambda self, block, eps: searched_blocks.append(block) or search_block(self, block, eps))
+    monkeypatch.setattr(
+        ps.SlimmingSearch,
+        "search_block",
+        lambda self, block, eps: searched_blocks.append(block) or search_block(self, block, eps),
+    )
     model = launch()
     assert searched_blocks == [0]
     uninterrupted = json.loads((run_dir / "phases" / "search" / "schedule.json").read_text())
@@ -405,8 +425,9 @@ def test_interrupted_search_resumes_from_the_last_finished_layer(searched, tmp_p
 
 def test_target_gmacs_bisects_epsilon_then_lands_at_or_under_it(pretrained, tmp_path):
     # block_epochs=0 (the paper's "without fine-tuning" setting) keeps each of the bisection's searches cheap.
-    cfg = search_cfg(tmp_path, pretrained, "reducer.block_epochs=0", "reducer.bisect_searches=3",
-                     "reducer.target_gmacs=0.0007")
+    cfg = search_cfg(
+        tmp_path, pretrained, "reducer.block_epochs=0", "reducer.bisect_searches=3", "reducer.target_gmacs=0.0007"
+    )
     datamodule = build_datamodule(cfg.dataset)
     model = build_model(cfg, datamodule.num_classes)
     assert model.schedule["source"] == "pyramid"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_cli
 
+from conftest import FAST, run_cli
 from tokred.benchmark.report import load_runs
 from tokred.cli import eval as eval_cli
 from tokred.cli import train as train_cli
@@ -41,8 +41,15 @@ def test_written_files_get_the_permissions_the_umask_gives(run_cfg):
     finally:
         os.umask(previous)
     run_dir = Path(cfg.paths.output_dir)
-    written = ["summary.json", "run_config.json", "export/config.json", "export/model.safetensors",
-               "phases/train.pt", "checkpoints/train/last.ckpt", "checkpoints/train/best.ckpt"]
+    written = [
+        "summary.json",
+        "run_config.json",
+        "export/config.json",
+        "export/model.safetensors",
+        "phases/train.pt",
+        "checkpoints/train/last.ckpt",
+        "checkpoints/train/best.ckpt",
+    ]
     written += [str(p.relative_to(run_dir)) for p in run_dir.glob("token_maps/*.png")]
     assert any(name.startswith("token_maps/") for name in written)
     for name in written:
@@ -66,7 +73,9 @@ def test_a_resume_with_changed_settings_is_refused_and_the_record_kept(run_cfg):
     # epochs is a change a resume may make: it trains on from where the run stopped.
     (run_dir / "phases/train.pt").unlink()
     (run_dir / "summary.json").unlink()
-    longer = run_cfg("reducer=evo_vit", "reducer.keep_ratio=0.5", NO_MAPS, "trainer.max_epochs=3", f"ckpt_path={run_dir}")
+    longer = run_cfg(
+        "reducer=evo_vit", "reducer.keep_ratio=0.5", NO_MAPS, "trainer.max_epochs=3", f"ckpt_path={run_dir}"
+    )
     assert train(longer)["global_step"] == 3 * 2
 
 
@@ -87,12 +96,24 @@ def _read_until(stream, pattern: str, deadline: float) -> re.Match:
     raise AssertionError(f"never saw {pattern!r}; stderr ended with: {seen[-2000:]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_save_a_resumable_checkpoint(signum, tmp_path, processes):
     # 250 steps of 16 images in one epoch, periodic checkpoints off: only the signal can write last.ckpt mid-epoch.
-    args = [sys.executable, "-m", "tokred.cli.train", "dataset.train_size=4000", "dataset.val_size=32",
-            "dataset.batch_size=16", "trainer.max_epochs=1", "trainer.limit_val_batches=1", "logger=csv", NO_MAPS,
-            "checkpoint.every_n_train_steps=0", f"paths.root={tmp_path}"]
+    args = [
+        sys.executable,
+        "-m",
+        "tokred.cli.train",
+        "dataset.train_size=4000",
+        "dataset.val_size=32",
+        "dataset.batch_size=16",
+        "trainer.max_epochs=1",
+        "trainer.limit_val_batches=1",
+        "logger=csv",
+        NO_MAPS,
+        "checkpoint.every_n_train_steps=0",
+        f"paths.root={tmp_path}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = processes.start(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _read_until(run.stdout, r"Epoch 0:[^\r\n]*?\| [1-9]\d+/250", time.monotonic() + 300)  # >= 10 steps done
@@ -132,9 +153,18 @@ def test_degenerate_structures_and_chance_level_are_named():
 
 def _summary(root: Path, name: str, reducer: str, gmacs: float, acc1: float, reasons: list[str]) -> None:
     (root / name).mkdir(parents=True)
-    (root / name / "summary.json").write_text(json.dumps({
-        "backbone": "deit_tiny_cpu", "reducer": reducer, "model/gmacs": gmacs, "val/acc1": acc1,
-        "reducer_knobs": {}, "degenerate": reasons}))
+    (root / name / "summary.json").write_text(
+        json.dumps(
+            {
+                "backbone": "deit_tiny_cpu",
+                "reducer": reducer,
+                "model/gmacs": gmacs,
+                "val/acc1": acc1,
+                "reducer_knobs": {},
+                "degenerate": reasons,
+            }
+        )
+    )
 
 
 def test_report_leaves_degenerate_runs_off_the_pareto_front_unless_asked(tmp_path):
@@ -143,8 +173,11 @@ def test_report_leaves_degenerate_runs_off_the_pareto_front_unless_asked(tmp_pat
     _summary(tmp_path, "cls_only", "patch_slimming", 0.004, 0.11, ["keeps no patch token from block 0 on"])
     front = {Path(r["run_dir"]).name for r in load_runs(tmp_path) if r["pareto_gmacs"]}
     assert front == {"base", "half"}
-    assert {Path(r["run_dir"]).name for r in load_runs(tmp_path, include_degenerate=True)
-            if r["pareto_gmacs"]} == {"base", "half", "cls_only"}
+    assert {Path(r["run_dir"]).name for r in load_runs(tmp_path, include_degenerate=True) if r["pareto_gmacs"]} == {
+        "base",
+        "half",
+        "cls_only",
+    }
 
 
 def test_a_trained_run_records_whether_it_is_degenerate(run_cfg):
@@ -167,8 +200,16 @@ def test_a_refused_resume_leaves_the_run_untouched(run_cfg, tmp_path, capsys):
     train(cfg)
     run_dir = Path(cfg.paths.output_dir)
     before = files(run_dir)
-    code, _, err = run_cli(train_cli.main, capsys, *FAST, f"paths.root={tmp_path}", "trainer.max_epochs=1", NO_MAPS,
-                           "optim.lr=0.5", f"ckpt_path={run_dir}")
+    code, _, err = run_cli(
+        train_cli.main,
+        capsys,
+        *FAST,
+        f"paths.root={tmp_path}",
+        "trainer.max_epochs=1",
+        NO_MAPS,
+        "optim.lr=0.5",
+        f"ckpt_path={run_dir}",
+    )
     assert code == 2 and "optim.lr" in err
     assert files(run_dir) == before and not list(run_dir.glob(".hydra/resume-*"))
 
@@ -185,8 +226,9 @@ def test_quiet_by_default_and_verbose_on_request(tmp_path, capsys):
 def test_threads_sets_torch_threads(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
-        code, _, err = run_cli(train_cli.main, capsys, *FAST, f"paths.root={tmp_path}", "trainer.max_epochs=1",
-                               NO_MAPS, "threads=1")
+        code, _, err = run_cli(
+            train_cli.main, capsys, *FAST, f"paths.root={tmp_path}", "trainer.max_epochs=1", NO_MAPS, "threads=1"
+        )
         assert code == 0, err
         assert torch.get_num_threads() == 1
     finally:
@@ -206,8 +248,9 @@ def test_tokred_eval_says_where_it_wrote_and_flops_defaults_to_the_training_back
     cfg = run_cfg("trainer.max_epochs=1", NO_MAPS)
     train(cfg)
     out_dir = tmp_path / "eval"
-    code, out, err = run_cli(eval_cli.main, capsys, f"ckpt_path={cfg.paths.output_dir}", "dataset.val_size=32",
-                             f"hydra.run.dir={out_dir}")
+    code, out, err = run_cli(
+        eval_cli.main, capsys, f"ckpt_path={cfg.paths.output_dir}", "dataset.val_size=32", f"hydra.run.dir={out_dir}"
+    )
     assert code == 0, err
     assert f"wrote {out_dir / 'eval.json'}" in out and json.loads(out.strip().splitlines()[-1])["val/acc1"] >= 0
     assert compose_config([], "flops").backbone.name == compose_config([]).backbone.name == "deit_tiny_cpu"

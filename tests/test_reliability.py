@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, run_cli
 
+from conftest import FAST, run_cli
+from tokred.backbones import CheckpointError
+from tokred.benchmark.compare import main as compare_main
 from tokred.benchmark.outputs import merge_rows
 from tokred.cli import benchmark as benchmark_cli
 from tokred.cli import eval as eval_cli
 from tokred.cli import flops as flops_cli
-from tokred.cli import train as train_cli
 from tokred.cli import report as report_cli
+from tokred.cli import train as train_cli
 from tokred.cli import visualize as visualize_cli
-from tokred.benchmark.compare import main as compare_main
-from tokred.backbones import CheckpointError
 from tokred.config import ConfigError, compose_config
 from tokred.training import phases
 from tokred.training.run import build_model, train
@@ -58,8 +58,14 @@ def test_a_run_directory_has_one_owner_and_a_dead_owners_lock_is_taken_over(run_
 def test_merge_rows_replaces_only_the_re_measured_rows(tmp_path):
     path = tmp_path / "benchmark.json"
     key = lambda r: (r["reducer"],)  # noqa: E731
-    path.write_text(json.dumps({"rows": [{"reducer": "none", "x": 1}, {"reducer": "sit", "x": 1}],
-                                "failed": [{"reducer": "tome", "error": "boom"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "rows": [{"reducer": "none", "x": 1}, {"reducer": "sit", "x": 1}],
+                "failed": [{"reducer": "tome", "error": "boom"}],
+            }
+        )
+    )
     merged = merge_rows(path, [{"reducer": "none", "x": 2}, {"reducer": "tome", "x": 2}], key)
     assert {r["reducer"]: r["x"] for r in merged if "x" in r} == {"none": 2, "sit": 1, "tome": 2}
     assert len(merged) == 3 and all("measured" in r for r in merged if r["x"] == 2)
@@ -67,9 +73,19 @@ def test_merge_rows_replaces_only_the_re_measured_rows(tmp_path):
 
 def test_a_partial_benchmark_keeps_the_earlier_rows(tmp_path, monkeypatch, capsys):
     def bench(*reducers: str) -> dict:
-        monkeypatch.setattr(sys, "argv", ["tokred-benchmark", "backbones=[deit_tiny_cpu]", *TINY_TIMING,
-                                          f"reducers=[{','.join(reducers)}]", "budgets=[]", f"out_dir={tmp_path}",
-                                          "machine=test"])
+        monkeypatch.setattr(
+            sys,
+            "argv",
+            [
+                "tokred-benchmark",
+                "backbones=[deit_tiny_cpu]",
+                *TINY_TIMING,
+                f"reducers=[{','.join(reducers)}]",
+                "budgets=[]",
+                f"out_dir={tmp_path}",
+                "machine=test",
+            ],
+        )
         benchmark_cli.main()
         return json.loads((tmp_path / "test/benchmark.json").read_text())
 
@@ -129,8 +145,9 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_is_one_line(tmp_path, capsys,
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(phases.torch, "save", save)
-    code, _, err = run_cli(train_cli.main, capsys, *FAST, NO_MAPS, f"paths.root={tmp_path}",
-                           "checkpoint.every_n_train_steps=1")
+    code, _, err = run_cli(
+        train_cli.main, capsys, *FAST, NO_MAPS, f"paths.root={tmp_path}", "checkpoint.every_n_train_steps=1"
+    )
     assert code == 2 and err.count("\n") == 1 and "No space left on device" in err and "ckpt_path=" in err
     (run_dir,) = (tmp_path / "outputs/none/deit_tiny_cpu").iterdir()
     assert not list(run_dir.rglob("*.tmp")), "no half-written temporary file is left"
@@ -154,9 +171,16 @@ CLIS = {
     "tokred-eval": (eval_cli.main, ["ckpt_path=/nowhere"]),
     "tokred-visualize": (visualize_cli.main, ["ckpt_path=/nowhere"]),
 }
-NAMES = {"backbone": "backbone.img_size", "reducer": "reducer.keep_ratio", "dataset": "dataset.batch_size",
-         "optim": "optim.lr", "trainer": "trainer.max_epochs", "logger": "nonexistent", "unknown key": "foo",
-         "unknown reducer knob": "reducer.keep_ratio"}
+NAMES = {
+    "backbone": "backbone.img_size",
+    "reducer": "reducer.keep_ratio",
+    "dataset": "dataset.batch_size",
+    "optim": "optim.lr",
+    "trainer": "trainer.max_epochs",
+    "logger": "nonexistent",
+    "unknown key": "foo",
+    "unknown reducer knob": "reducer.keep_ratio",
+}
 
 
 @pytest.mark.parametrize("cli", sorted(CLIS))
@@ -174,16 +198,19 @@ def test_every_cli_answers_bad_values_with_one_line_naming_the_key(cli, group, t
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.log")), "a run dir is left"
 
 
-@pytest.mark.parametrize("cli, args, key", [
-    ("tokred-benchmark", ["batch_size=abc"], "batch_size"),
-    ("tokred-benchmark", ["bogus=1"], "bogus"),
-    ("tokred-compare", ["epochs=abc"], "epochs"),
-    ("tokred-compare", ["bogus=1"], "bogus"),
-    ("tokred-report", ["runs_dir=/tmp", "batch_size=abc"], "batch_size"),
-    ("tokred-report", ["runs_dir=/nowhere"], "/nowhere"),
-    ("tokred-report", ["/nowhere"], "runs_dir=/nowhere"),
-    ("tokred-report", [], "runs_dir"),
-])
+@pytest.mark.parametrize(
+    "cli, args, key",
+    [
+        ("tokred-benchmark", ["batch_size=abc"], "batch_size"),
+        ("tokred-benchmark", ["bogus=1"], "bogus"),
+        ("tokred-compare", ["epochs=abc"], "epochs"),
+        ("tokred-compare", ["bogus=1"], "bogus"),
+        ("tokred-report", ["runs_dir=/tmp", "batch_size=abc"], "batch_size"),
+        ("tokred-report", ["runs_dir=/nowhere"], "/nowhere"),
+        ("tokred-report", ["/nowhere"], "runs_dir=/nowhere"),
+        ("tokred-report", [], "runs_dir"),
+    ],
+)
 def test_the_benchmark_and_report_clis_answer_bad_values_with_one_line(cli, args, key, processes):
     done = processes.run([str(Path(sys.executable).with_name(cli)), *args], timeout=120)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]

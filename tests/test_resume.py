@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, TINY_REDUCER, run_cli
 from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import FAST, TINY_REDUCER, run_cli
 from tokred.backbones import create_backbone
 from tokred.cli import train as train_cli
 from tokred.config import ConfigError, compose_config
@@ -29,8 +29,11 @@ NO_MAPS = "visualize.every_n_epochs=0"
 
 def files(directory: Path, hydra: bool = True) -> dict[str, bytes]:
     """Every file's bytes; ``hydra=False``: but for what Hydra writes on every launch (its config copy, the log)."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
-            and (hydra or not (p.suffix == ".log" or ".hydra" in p.parts))}
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and (hydra or not (p.suffix == ".log" or ".hydra" in p.parts))
+    }
 
 
 def log_text(run_dir: Path) -> str:
@@ -42,11 +45,16 @@ def _search_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "phases/search/search_0/progress.pt", map_location="cpu", weights_only=True)["state"]
 
 
+@pytest.mark.slow
 def test_a_killed_search_resumes_at_its_last_finished_layer_by_both_routes(tmp_path, processes, capsys):
     args = [*FAST, f"paths.root={tmp_path}", "reducer=patch_slimming", *TINY_REDUCER["patch_slimming"], NO_MAPS]
     runs = tmp_path / "outputs/patch_slimming/deit_tiny_cpu"
-    run = processes.start([sys.executable, "-m", "tokred.cli.train", *args], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = processes.start(
+        [sys.executable, "-m", "tokred.cli.train", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.monotonic() + 300
     while not list(runs.glob("*/phases/search/search_0/progress.pt")):  # the first layer is searched
         assert run.poll() is None and time.monotonic() < deadline, "the search never saved a layer"
@@ -66,7 +74,7 @@ def test_a_killed_search_resumes_at_its_last_finished_layer_by_both_routes(tmp_p
         assert resumed in log_text(directory), route
         state = _search_state(directory)
         assert state["done"] and len(state["layers"]) == depth - 1
-        assert state["layers"][:len(killed)] == killed, "the layers searched before the kill are kept, not redone"
+        assert state["layers"][: len(killed)] == killed, "the layers searched before the kill are kept, not redone"
         assert (directory / "summary.json").is_file()
     assert list(runs.iterdir()) == [run_dir], "no route started a new run directory"
 
@@ -89,8 +97,11 @@ def test_a_resume_on_another_backbone_checkpoint_is_refused_and_a_moved_one_acce
     def resume(path: Path | str):
         return run_cfg("trainer.max_epochs=1", NO_MAPS, f"backbone.checkpoint={path}", f"ckpt_path={run_dir}")
 
-    with pytest.raises(ConfigError, match=rf"trained on other inputs: backbone\.checkpoint {weights} \(sha256 "
-                                          rf"\w+\) \(now {weights} \(sha256 \w+\)\); restore them") as refused:
+    with pytest.raises(
+        ConfigError,
+        match=rf"trained on other inputs: backbone\.checkpoint {weights} \(sha256 "
+        rf"\w+\) \(now {weights} \(sha256 \w+\)\); restore them",
+    ) as refused:
         train(resume(weights))
     assert "\n" not in str(refused.value) and "new run directory" in str(refused.value)
     with pytest.raises(ConfigError, match=rf"backbone\.checkpoint {weights} \(sha256 \w+\) \(now none\)"):
@@ -114,16 +125,30 @@ def _image_folder(root: Path) -> Path:
 
 def test_a_resume_on_other_dataset_files_is_refused(tmp_path):
     root = _image_folder(tmp_path / "images")
-    cfg = compose_config(["dataset=imagefolder", f"dataset.root={root}", "dataset.batch_size=4",
-                          "dataset.num_workers=0", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
-                          "trainer.limit_val_batches=1", "logger=csv", NO_MAPS, f"paths.root={tmp_path}"])
+    cfg = compose_config(
+        [
+            "dataset=imagefolder",
+            f"dataset.root={root}",
+            "dataset.batch_size=4",
+            "dataset.num_workers=0",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=1",
+            "logger=csv",
+            NO_MAPS,
+            f"paths.root={tmp_path}",
+        ]
+    )
     cfg.paths.output_dir = str(tmp_path / "run")
     train(cfg)
     cfg.ckpt_path = str(tmp_path / "run")
     # Relabelled in place: an image moved from one class folder to the other, same folder, same counts.
     os.rename(root / "train/ant/0.png", root / "train/bee/8.png")
-    with pytest.raises(ConfigError, match=r"trained on other inputs: a dataset of 2 classes, 16 training and 8 "
-                                          r"validation images \(now the same counts, but other files or labels\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"trained on other inputs: a dataset of 2 classes, 16 training and 8 "
+        r"validation images \(now the same counts, but other files or labels\)",
+    ):
         train(cfg)
     os.rename(root / "train/bee/8.png", root / "train/ant/0.png")
     assert train(cfg)["dataset"] == "imagefolder"  # restored: the run goes on
@@ -159,9 +184,11 @@ def test_a_relaunched_finished_run_is_compared_with_its_config_hash_and_tokred_v
     assert files(old) == before, "the earlier results are kept whole, beside the new run"
     assert json.loads((run_dir / "run_config.json").read_text())["optim"]["lr"] == 0.0005
     assert train(run_cfg("trainer.max_epochs=1", NO_MAPS, "optim.lr=0.0005")) == json.loads(
-        (run_dir / "summary.json").read_text())
+        (run_dir / "summary.json").read_text()
+    )
 
 
+@pytest.mark.slow
 def test_a_relaunched_sweep_reruns_only_its_changed_jobs_and_only_when_asked(tmp_path, capsys):
     sweep = ["-m", *FAST, "trainer.max_epochs=1", NO_MAPS, f"paths.root={tmp_path}", "sweep_name=s", "seed=1,2"]
     code, _, err = run_cli(train_cli.main, capsys, *sweep)

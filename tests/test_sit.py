@@ -13,13 +13,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, run_cli
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from conftest import FAST, run_cli
 from tokred.backbones import CheckpointError, create_backbone, freeze, read_state_dict
-from tokred.cli.flops import measure
 from tokred.cli import train as train_cli
+from tokred.cli.flops import measure
 from tokred.config import ConfigError, compose_config, validate
 from tokred.data.synthetic import ShapesDataset
 from tokred.export import load_deployable
@@ -99,8 +99,9 @@ def test_tsm_scale_both_mlp_layers_and_the_rtsms_get_gradients(make_vit):
 
 def test_losses_without_a_teacher_say_where_it_comes_from(make_vit):
     with pytest.raises(ValueError, match="build_teacher"):
-        sit(make_vit(), stage_blocks=[1, 1, 1, 1]).losses(torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long),
-                                                           F.cross_entropy)
+        sit(make_vit(), stage_blocks=[1, 1, 1, 1]).losses(
+            torch.randn(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), F.cross_entropy
+        )
 
 
 def test_rtsms_learn_at_5x_with_decay_and_the_tsm_scale_is_decayed(make_vit):
@@ -112,11 +113,17 @@ def test_rtsms_learn_at_5x_with_decay_and_the_tsm_scale_is_decayed(make_vit):
 
 
 # ---------------------------------------------------------------- FLOPs and budgets
-@pytest.mark.parametrize("overrides, gmacs, tokens", [
-    (["backbone=deit_small", "reducer=sit", "reducer.stage_blocks=[6,2,2,2]"], 3.00,
-     [197] * 6 + [99, 99, 50, 50, 25, 25]),
-    (["experiment=sit_deit_s_aggressive"], 1.15, [197, 99, 50] + [25] * 9),
-])
+@pytest.mark.parametrize(
+    "overrides, gmacs, tokens",
+    [
+        (
+            ["backbone=deit_small", "reducer=sit", "reducer.stage_blocks=[6,2,2,2]"],
+            3.00,
+            [197] * 6 + [99, 99, 50, 50, 25, 25],
+        ),
+        (["experiment=sit_deit_s_aggressive"], 1.15, [197, 99, 50] + [25] * 9),
+    ],
+)
 def test_deit_small_gmacs_match_the_spec(overrides, gmacs, tokens):
     row = measure(overrides)
     assert row["tokens_per_block"] == tokens
@@ -131,11 +138,14 @@ def test_a_3_gmacs_budget_on_deit_small_picks_the_s_style_split():
     assert (model.stage_blocks, model.keep_ratio) == ([6, 2, 2, 2], 0.5)
 
 
-@pytest.mark.parametrize("budget, ratio_moves", [
-    ("reducer.target_ratio=0.5", False),  # reachable by a stage split at keep_ratio 0.5
-    ("reducer.target_ratio=0.9", True),  # more than the mildest split costs: keep_ratio is raised
-    ("reducer.target_gmacs=0.015", True),  # less than the most aggressive split: keep_ratio is lowered
-])
+@pytest.mark.parametrize(
+    "budget, ratio_moves",
+    [
+        ("reducer.target_ratio=0.5", False),  # reachable by a stage split at keep_ratio 0.5
+        ("reducer.target_ratio=0.9", True),  # more than the mildest split costs: keep_ratio is raised
+        ("reducer.target_gmacs=0.015", True),  # less than the most aggressive split: keep_ratio is lowered
+    ],
+)
 def test_budget_targets_land_within_3_percent_from_the_config_alone(budget, ratio_moves):
     cfg = compose_config(["backbone=deit_tiny_cpu", "reducer=sit", budget], "flops")
     model = build_model(cfg, 10)
@@ -157,19 +167,22 @@ def test_structure_rebuilds_a_different_split_for_its_state_dict(make_vit):
 
 
 # ---------------------------------------------------------------- knobs
-@pytest.mark.parametrize("knobs, fragment", [
-    ({"stage_blocks": []}, "reducer.stage_blocks"),
-    ({"stage_blocks": [6, 0, 4, 2]}, "reducer.stage_blocks"),
-    ({"keep_ratio": 0.0}, "reducer.keep_ratio"),
-    ({"keep_ratio": 1.5}, "reducer.keep_ratio"),
-    ({"token_weight": -1.0}, "reducer.token_weight"),
-    ({"kd_weight": -0.5}, "reducer.kd_weight"),
-    ({"kd_temperature": 0.0}, "reducer.kd_temperature"),
-    ({"rtsm_lr_mult": 0.0}, "reducer.rtsm_lr_mult"),
-    ({"teacher": " "}, "reducer.teacher"),
-    ({"stage_blcks": [6, 2, 2, 2]}, "valid knobs"),
-    ({"target_ratio": 0.5, "target_gmacs": 2.0}, "not both"),
-])
+@pytest.mark.parametrize(
+    "knobs, fragment",
+    [
+        ({"stage_blocks": []}, "reducer.stage_blocks"),
+        ({"stage_blocks": [6, 0, 4, 2]}, "reducer.stage_blocks"),
+        ({"keep_ratio": 0.0}, "reducer.keep_ratio"),
+        ({"keep_ratio": 1.5}, "reducer.keep_ratio"),
+        ({"token_weight": -1.0}, "reducer.token_weight"),
+        ({"kd_weight": -0.5}, "reducer.kd_weight"),
+        ({"kd_temperature": 0.0}, "reducer.kd_temperature"),
+        ({"rtsm_lr_mult": 0.0}, "reducer.rtsm_lr_mult"),
+        ({"teacher": " "}, "reducer.teacher"),
+        ({"stage_blcks": [6, 2, 2, 2]}, "valid knobs"),
+        ({"target_ratio": 0.5, "target_gmacs": 2.0}, "not both"),
+    ],
+)
 def test_bad_knobs_are_rejected_naming_the_knob(knobs, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
         reducer_config({"name": "sit", **knobs})
@@ -179,12 +192,18 @@ def test_the_yaml_mirrors_the_config_defaults():
     assert OmegaConf.to_container(compose_config(["reducer=sit"]).reducer) == asdict(Config())
 
 
-@pytest.mark.parametrize("knobs, fragment", [
-    ({}, "reducer.stage_blocks=[6, 2, 2, 2] sums to 12 but the backbone has 4 blocks; make it sum to 4, "
-         "e.g. [1, 1, 1, 1]"),
-    ({"stage_blocks": [1] * 5}, "reducer.stage_blocks has 5 stages but the backbone has only 4 blocks"),
-    ({"stage_blocks": [1, 1, 1, 1], "keep_ratio": 0.1}, "reducer.keep_ratio=0.1 leaves no tokens in stage 2"),
-])
+@pytest.mark.parametrize(
+    "knobs, fragment",
+    [
+        (
+            {},
+            "reducer.stage_blocks=[6, 2, 2, 2] sums to 12 but the backbone has 4 blocks; make it sum to 4, "
+            "e.g. [1, 1, 1, 1]",
+        ),
+        ({"stage_blocks": [1] * 5}, "reducer.stage_blocks has 5 stages but the backbone has only 4 blocks"),
+        ({"stage_blocks": [1, 1, 1, 1], "keep_ratio": 0.1}, "reducer.keep_ratio=0.1 leaves no tokens in stage 2"),
+    ],
+)
 def test_knobs_that_do_not_fit_the_backbone_fail_at_construction(make_vit, knobs, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
         sit(make_vit(), **knobs)
@@ -197,8 +216,16 @@ def test_a_missing_teacher_fails_when_training_starts_not_when_rebuilding(make_v
         model.build_teacher()
 
 
-@pytest.mark.parametrize("fix", [None, "reducer.teacher=t.ckpt", "backbone.pretrained=true", "backbone.checkpoint=w.pth",
-                                 "reducer.allow_random_teacher=true"])
+@pytest.mark.parametrize(
+    "fix",
+    [
+        None,
+        "reducer.teacher=t.ckpt",
+        "backbone.pretrained=true",
+        "backbone.checkpoint=w.pth",
+        "reducer.allow_random_teacher=true",
+    ],
+)
 def test_a_random_teacher_is_refused_in_one_line_unless_a_teacher_weights_or_the_opt_in_are_given(fix):
     cfg = compose_config(["experiment=sit_deit_s", *([fix] if fix else [])])
     if fix:
@@ -208,8 +235,15 @@ def test_a_random_teacher_is_refused_in_one_line_unless_a_teacher_weights_or_the
         validate(cfg)
     message = str(err.value)
     assert "\n" not in message and "randomly initialised teacher" in message
-    assert all(k in message for k in ("reducer.teacher=", "backbone.pretrained=true", "backbone.checkpoint=",
-                                      "reducer.allow_random_teacher=true"))
+    assert all(
+        k in message
+        for k in (
+            "reducer.teacher=",
+            "backbone.pretrained=true",
+            "backbone.checkpoint=",
+            "reducer.allow_random_teacher=true",
+        )
+    )
     validate(compose_config(["reducer=sit"], "flops"))  # counting FLOPs trains nothing: no teacher needed
 
 

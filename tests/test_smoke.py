@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, TINY_REDUCER
 
 import tokred
+from conftest import FAST, TINY_REDUCER
 from tokred.reducers import available_reducers
 from tokred.training.module import TokredModule
 
@@ -23,6 +23,7 @@ SCRIPTS = Path(sys.executable).parent
 EVAL = [o for o in FAST if o.startswith(("dataset.", "trainer.limit_val_batches"))]
 
 
+@pytest.mark.slow
 @pytest.mark.smoke
 @pytest.mark.parametrize("reducer", available_reducers())
 def test_every_reducer_runs_end_to_end_from_the_console_scripts(reducer, tmp_path, processes):
@@ -39,8 +40,14 @@ def test_every_reducer_runs_end_to_end_from_the_console_scripts(reducer, tmp_pat
     flops = last_json(run("tokred-flops", "backbone=deit_tiny_cpu", f"reducer={reducer}"))
     assert flops["gmacs_counted"] == pytest.approx(flops["gmacs_analytic"], rel=0.02)
 
-    run("tokred-train", *FAST, "trainer.max_epochs=1", "visualize.every_n_epochs=1", f"reducer={reducer}",
-        *TINY_REDUCER.get(reducer, []))
+    run(
+        "tokred-train",
+        *FAST,
+        "trainer.max_epochs=1",
+        "visualize.every_n_epochs=1",
+        f"reducer={reducer}",
+        *TINY_REDUCER.get(reducer, []),
+    )
     (run_dir,) = (tmp_path / "outputs" / reducer / "deit_tiny_cpu").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "failed_steps" not in summary and list((run_dir / "token_maps").glob("*.png"))
@@ -56,8 +63,18 @@ def test_every_reducer_runs_end_to_end_from_the_console_scripts(reducer, tmp_pat
     assert evaluated["val/acc1"] == pytest.approx(summary["val/acc1"])
     assert evaluated["model/gmacs"] == pytest.approx(summary["model/gmacs"], abs=1e-4)
 
-    run("tokred-benchmark", "backbones=[deit_tiny_cpu]", f"reducers=[{reducer}]", "budgets=[]", "batch_size=2",
-        "warmup=1", "repeats=2", "latency_repeats=1", f"out_dir={tmp_path / 'bench'}", "machine=smoke")
+    run(
+        "tokred-benchmark",
+        "backbones=[deit_tiny_cpu]",
+        f"reducers=[{reducer}]",
+        "budgets=[]",
+        "batch_size=2",
+        "warmup=1",
+        "repeats=2",
+        "latency_repeats=1",
+        f"out_dir={tmp_path / 'bench'}",
+        "machine=smoke",
+    )
     rows = json.loads((tmp_path / "bench/smoke/benchmark.json").read_text())["rows"]
     assert {row["reducer"] for row in rows} == {"none", reducer}
     assert all(row["throughput"] > 0 and not row.get("error") for row in rows)

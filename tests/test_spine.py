@@ -72,11 +72,14 @@ def test_tokred_flops_prints_a_json_last_line(processes):
     assert row["gmacs_analytic"] == pytest.approx(row["gmacs_counted"], rel=0.02)
 
 
-@pytest.mark.parametrize("override, names", [
-    ("reducer=bogus", ["reducer", "none"]),
-    ("backbone=vit_huge", ["backbone", "deit_small"]),
-    ("dataset=imagenet22k", ["dataset", "synthetic"]),
-])
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("reducer=bogus", ["reducer", "none"]),
+        ("backbone=vit_huge", ["backbone", "deit_small"]),
+        ("dataset=imagenet22k", ["dataset", "synthetic"]),
+    ],
+)
 def test_unknown_group_choice_is_one_line_naming_the_choices(override, names):
     with pytest.raises(ConfigError) as err:
         check_group_overrides([override])
@@ -90,12 +93,15 @@ def test_cli_rejects_unknown_choice_with_exit_2(processes):
     assert proc.stderr.strip().count("\n") == 0 and "choose one of" in proc.stderr
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["backbone.img_size=60"], "divisible by the patch size"),
-    (["optim.lr=-1"], "optim.lr"),
-    (["optim.scheduler=linear"], "cosine, constant"),
-    (["+reducer.keep=3"], "valid knobs"),
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["backbone.img_size=60"], "divisible by the patch size"),
+        (["optim.lr=-1"], "optim.lr"),
+        (["optim.scheduler=linear"], "cosine, constant"),
+        (["+reducer.keep=3"], "valid knobs"),
+    ],
+)
 def test_invalid_values_are_rejected_up_front(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
         validate(compose_config(overrides))
@@ -107,14 +113,20 @@ def test_every_registered_reducer_has_a_config_file():
 
 
 def test_a_short_run_learns_and_writes_its_artifacts(run_cfg):
-    cfg = run_cfg("trainer.max_epochs=3", "trainer.limit_train_batches=6", "dataset.train_size=96",
-                  "optim.lr=2e-3", "optim.warmup_epochs=0")
+    cfg = run_cfg(
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=6",
+        "dataset.train_size=96",
+        "optim.lr=2e-3",
+        "optim.warmup_epochs=0",
+    )
     summary = train(cfg)
     run_dir = cfg.paths.output_dir
-    metrics = (open(f"{run_dir}/csv/metrics.csv").read().splitlines())
+    metrics = open(f"{run_dir}/csv/metrics.csv").read().splitlines()
     header = metrics[0].split(",")
-    losses = [float(r.split(",")[header.index("train/loss")]) for r in metrics[1:]
-              if r.split(",")[header.index("train/loss")]]
+    losses = [
+        float(r.split(",")[header.index("train/loss")]) for r in metrics[1:] if r.split(",")[header.index("train/loss")]
+    ]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert summary["model/gmacs"] == pytest.approx(0.0973, rel=0.01)
     assert json.load(open(f"{run_dir}/summary.json"))["reducer"] == "none"

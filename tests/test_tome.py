@@ -18,7 +18,11 @@ from tokred.reducers import create_reducer
 from tokred.reducers import tome as tome_module
 from tokred.reducers.base import TokenReducer
 from tokred.reducers.tome import (
-    Config, bipartite_soft_matching, merge_counts, merge_wavg, parse_schedule,
+    Config,
+    bipartite_soft_matching,
+    merge_counts,
+    merge_wavg,
+    parse_schedule,
 )
 from tokred.training.run import build_model, train
 from tokred.vit_ops import UnsupportedBackbone
@@ -44,10 +48,16 @@ def per_block(model, x) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 # ---------------------------------------------------------------- the neutral setting
 
 
-@pytest.mark.parametrize("variant", [{}, {"init_values": 0.1, "qk_norm": True}, {"global_pool": "avg"}],
-                         ids=["deit", "layerscale+qknorm", "avg-pool"])
-@pytest.mark.parametrize("knobs", [{"r": 0, "prop_attn": False}, {"r": 0}, {"r_list": [0, 0]}],
-                         ids=["r0-prop-off", "r0-prop-on", "zero-list"])
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"init_values": 0.1, "qk_norm": True}, {"global_pool": "avg"}],
+    ids=["deit", "layerscale+qknorm", "avg-pool"],
+)
+@pytest.mark.parametrize(
+    "knobs",
+    [{"r": 0, "prop_attn": False}, {"r": 0}, {"r_list": [0, 0]}],
+    ids=["r0-prop-off", "r0-prop-on", "zero-list"],
+)
 def test_r_zero_gives_the_baseline_logits(make_vit, variant, knobs):
     vit = make_vit(**variant)
     x = images()
@@ -198,7 +208,7 @@ def test_batch_entries_are_independent_and_bf16_stays_finite(make_vit):
     x = images(4)
     with torch.no_grad():
         together = model(x)
-        alone = torch.cat([model(x[i:i + 1]) for i in range(4)])
+        alone = torch.cat([model(x[i : i + 1]) for i in range(4)])
         torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(model(x), together)  # no state carried between forwards
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -230,12 +240,15 @@ def entering(n: int, counts: list[int]) -> list[int]:
     return [n - sum(counts[:i]) for i in range(len(counts) + 1)]
 
 
-@pytest.mark.parametrize("r, inflection, tokens", [
-    (8, 0, [197 - 8 * i for i in range(12)] + [101]),
-    (13, 0, [197, 184, 171, 158, 145, 132, 119, 106, 93, 80, 67, 54, 41]),
-    (16, 0, [197, 181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21, 11]),  # the cap bites in block 11: r = 10
-    (16, -1, [197, 165, 136, 110, 87, 67, 50, 36, 25, 17, 12, 10, 10]),
-])
+@pytest.mark.parametrize(
+    "r, inflection, tokens",
+    [
+        (8, 0, [197 - 8 * i for i in range(12)] + [101]),
+        (13, 0, [197, 184, 171, 158, 145, 132, 119, 106, 93, 80, 67, 54, 41]),
+        (16, 0, [197, 181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21, 11]),  # the cap bites in block 11: r = 10
+        (16, -1, [197, 165, 136, 110, 87, 67, 50, 36, 25, 17, 12, 10, 10]),
+    ],
+)
 def test_tokens_per_block_on_deit_at_224(r, inflection, tokens):
     assert entering(197, merge_counts(197, 1, parse_schedule(r, inflection, None, 12))) == tokens
 
@@ -257,9 +270,15 @@ def matching_gmacs(model) -> float:
     return sum(b.extra_macs for b in model.cost().blocks) / 1e9
 
 
-@pytest.mark.parametrize("backbone, r, spec", [
-    ("deit_small", 8, 3.416), ("deit_small", 16, 2.291), ("deit_tiny", 12, 0.769), ("deit_tiny", 16, 0.622),
-])
+@pytest.mark.parametrize(
+    "backbone, r, spec",
+    [
+        ("deit_small", 8, 3.416),
+        ("deit_small", 16, 2.291),
+        ("deit_tiny", 12, 0.769),
+        ("deit_tiny", 16, 0.622),
+    ],
+)
 def test_gmacs_match_the_spec_table(backbone, r, spec):
     model = deit(backbone, f"reducer.r={r}")
     assert model.cost().gmacs - matching_gmacs(model) == pytest.approx(spec, abs=0.0015)  # the papers' convention
@@ -276,8 +295,17 @@ def test_paper_preset_costs_2_70_gmacs_analytic_and_counted():
     assert counted_gmacs(model.deployable(), 224) == pytest.approx(cost.gmacs, rel=0.005)
 
 
-@pytest.mark.parametrize("knobs", [{"r": 3}, {"r": 8}, {"r": 4, "inflection": -1}, {"r_list": [2, 7]},
-                                   {"r": 3, "prop_attn": False}, {"r": 3, "global_pool": "avg"}])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"r": 3},
+        {"r": 8},
+        {"r": 4, "inflection": -1},
+        {"r_list": [2, 7]},
+        {"r": 3, "prop_attn": False},
+        {"r": 3, "global_pool": "avg"},
+    ],
+)
 def test_analytic_cost_matches_the_counter(make_vit, knobs):
     pool = {"global_pool": knobs.pop("global_pool")} if "global_pool" in knobs else {}
     model = tome(make_vit(depth=6, **pool), **knobs)
@@ -315,14 +343,17 @@ def test_unreachable_budget_names_the_range(make_vit):
 # ---------------------------------------------------------------- knobs and presets
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("reducer.r=-1", "reducer.r=-1 must be >= 0"),
-    ("reducer.inflection=1.5", "reducer.inflection=1.5 must be in [-1, 1]"),
-    ("reducer.r_list=[3,-1]", "reducer.r_list=[3, -1] must hold per-block counts >= 0"),
-    ("reducer.finetune_epochs=-1", "reducer.finetune_epochs=-1 must be >= 0"),
-    ("reducer.prop_attn=maybe", "prop_attn"),
-    ("+reducer.rate=0.5", "valid knobs"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("reducer.r=-1", "reducer.r=-1 must be >= 0"),
+        ("reducer.inflection=1.5", "reducer.inflection=1.5 must be in [-1, 1]"),
+        ("reducer.r_list=[3,-1]", "reducer.r_list=[3, -1] must hold per-block counts >= 0"),
+        ("reducer.finetune_epochs=-1", "reducer.finetune_epochs=-1 must be >= 0"),
+        ("reducer.prop_attn=maybe", "prop_attn"),
+        ("+reducer.rate=0.5", "valid knobs"),
+    ],
+)
 def test_bad_knobs_are_one_line_errors(override, fragment):
     with pytest.raises(ConfigError) as err:
         validate(compose_config(["reducer=tome", override]))

@@ -18,8 +18,8 @@ from tokred.flops import counted_gmacs
 from tokred.pruning import attention_with_cls_row, fuse_dropped, gather_kept, head_mean_scores, prune, select_top, track
 from tokred.reducers import create_reducer
 from tokred.reducers.base import TokenReducer
-from tokred.reducers.evit import EViT, keep_rate_schedule
 from tokred.reducers.evit import Config as EViTConfig
+from tokred.reducers.evit import EViT, keep_rate_schedule
 from tokred.reducers.topk import Config as TopKConfig
 from tokred.reducers.topk import keep_count
 from tokred.training.run import build_model, train
@@ -81,17 +81,26 @@ def reference_logits(model, x: torch.Tensor, fuse: bool, normalize: bool = False
 
 
 @pytest.mark.parametrize("variant", [{}, {"init_values": 0.1, "qk_norm": True}], ids=["deit", "layerscale+qknorm"])
-@pytest.mark.parametrize("name, knobs", [
-    ("topk", {}), ("topk", {"count_mode": "relative_ceil"}), ("evit", {}), ("evit", {"fuse_normalize": True}),
-    ("evit", {"fuse": False}), ("evit", {"count_mode": "absolute_floor", "keep_rate": 0.5}),
-], ids=["topk", "topk-relative", "evit", "evit-normalized", "evit-nofuse", "evit-absolute"])
+@pytest.mark.parametrize(
+    "name, knobs",
+    [
+        ("topk", {}),
+        ("topk", {"count_mode": "relative_ceil"}),
+        ("evit", {}),
+        ("evit", {"fuse_normalize": True}),
+        ("evit", {"fuse": False}),
+        ("evit", {"count_mode": "absolute_floor", "keep_rate": 0.5}),
+    ],
+    ids=["topk", "topk-relative", "evit", "evit-normalized", "evit-nofuse", "evit-absolute"],
+)
 def test_forward_matches_the_written_out_reference_in_float64(make_vit, variant, name, knobs):
     model = reducer(peaked(make_vit(depth=8, **variant)), name, locations=[1, 3, 5], **knobs).double().eval()
     x = images(2).double()
     fuse = name == "evit" and knobs.get("fuse", True)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), reference_logits(model, x, fuse, knobs.get("fuse_normalize", False)),
-                                   atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(
+            model(x), reference_logits(model, x, fuse, knobs.get("fuse_normalize", False)), atol=1e-10, rtol=1e-10
+        )
 
 
 @pytest.mark.parametrize("variant", [{}, {"init_values": 0.1, "qk_norm": True}], ids=["deit", "layerscale+qknorm"])
@@ -180,7 +189,7 @@ def test_evit_fuses_the_blocks_own_cls_attention_inside_the_model(make_vit):
         ranked = a[i].argsort(descending=True)
         keep, drop = ranked[:k], ranked[k:]
         rows = [0, *(keep + 1).tolist()]  # CLS, then the kept patches, highest attention first
-        torch.testing.assert_close(mlp_in[i, :1 + k], after_attention[i, rows], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(mlp_in[i, : 1 + k], after_attention[i, rows], atol=1e-12, rtol=1e-12)
         expected = (a[i, drop, None] * after_attention[i, 1 + drop]).sum(dim=0)
         torch.testing.assert_close(mlp_in[i, -1], expected, atol=1e-12, rtol=1e-12)
 
@@ -223,11 +232,17 @@ def test_relative_ceil_has_evits_float_parity():
 
 # Tokens leaving the three location blocks of a 224-px DeiT (CLS and the fused token included), spec §2.
 COUNTS = [
-    ("evit", {}, 0.9, [179, 163, 148]), ("evit", {}, 0.8, [159, 129, 105]), ("evit", {}, 0.7, [140, 100, 72]),
-    ("evit", {}, 0.6, [120, 74, 46]), ("evit", {}, 0.5, [100, 52, 28]),
-    ("evit", {"fuse": False}, 0.9, [178, 161, 145]), ("evit", {"fuse": False}, 0.7, [139, 98, 69]),
+    ("evit", {}, 0.9, [179, 163, 148]),
+    ("evit", {}, 0.8, [159, 129, 105]),
+    ("evit", {}, 0.7, [140, 100, 72]),
+    ("evit", {}, 0.6, [120, 74, 46]),
+    ("evit", {}, 0.5, [100, 52, 28]),
+    ("evit", {"fuse": False}, 0.9, [178, 161, 145]),
+    ("evit", {"fuse": False}, 0.7, [139, 98, 69]),
     ("evit", {"fuse": False}, 0.5, [99, 50, 26]),
-    ("topk", {}, 0.9, [177, 159, 143]), ("topk", {}, 0.7, [138, 97, 68]), ("topk", {}, 0.5, [99, 50, 25]),
+    ("topk", {}, 0.9, [177, 159, 143]),
+    ("topk", {}, 0.7, [138, 97, 68]),
+    ("topk", {}, 0.5, [99, 50, 25]),
     ("topk", {}, 0.25, [50, 13, 4]),
     ("evit", {"count_mode": "absolute_floor"}, 0.9, [178, 160, 144]),
     ("evit", {"count_mode": "absolute_floor"}, 0.7, [139, 98, 69]),
@@ -311,7 +326,7 @@ def test_selection_is_per_image_and_independent_of_the_batch(make_vit, name):
     x = images(4)
     with torch.no_grad():
         together = model(x)
-        alone = torch.cat([model(x[i:i + 1]) for i in range(4)])
+        alone = torch.cat([model(x[i : i + 1]) for i in range(4)])
         maps = model.token_maps(x)
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     chosen = maps[3].values.flatten(1)
@@ -351,10 +366,16 @@ def test_evit_assignment_maps_point_every_patch_at_its_token(make_vit):
 # ---------------------------------------------------------------- FLOPs and budgets
 
 
-@pytest.mark.parametrize("name, knobs, paper", [
-    ("evit", [], 3.029), ("evit", ["reducer.keep_rate=0.5"], 2.309), ("evit", ["reducer.fuse=false"], 2.997),
-    ("topk", [], 2.980), ("topk", ["reducer.keep_rate=0.25"], 1.699),
-])
+@pytest.mark.parametrize(
+    "name, knobs, paper",
+    [
+        ("evit", [], 3.029),
+        ("evit", ["reducer.keep_rate=0.5"], 2.309),
+        ("evit", ["reducer.fuse=false"], 2.997),
+        ("topk", [], 2.980),
+        ("topk", ["reducer.keep_rate=0.25"], 1.699),
+    ],
+)
 def test_deit_small_gmacs_match_the_spec_and_the_counter(name, knobs, paper):
     model = build_model(compose_config(["backbone=deit_small", f"reducer={name}", *knobs], config_name="flops"), 1000)
     assert model.cost().gmacs == pytest.approx(paper, abs=6e-4)
@@ -362,10 +383,16 @@ def test_deit_small_gmacs_match_the_spec_and_the_counter(name, knobs, paper):
         assert counted_gmacs(model.deployable(), 224) == pytest.approx(model.cost().gmacs, rel=0.02)
 
 
-@pytest.mark.parametrize("name, knobs", [
-    ("topk", {}), ("topk", {"count_mode": "relative_ceil", "keep_rate": 0.4}), ("evit", {}),
-    ("evit", {"fuse": False}), ("evit", {"fuse_normalize": True, "locations": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}),
-])
+@pytest.mark.parametrize(
+    "name, knobs",
+    [
+        ("topk", {}),
+        ("topk", {"count_mode": "relative_ceil", "keep_rate": 0.4}),
+        ("evit", {}),
+        ("evit", {"fuse": False}),
+        ("evit", {"fuse_normalize": True, "locations": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}),
+    ],
+)
 def test_analytic_cost_equals_the_counter_for_every_variant(make_vit, name, knobs):
     model = reducer(make_vit(img_size=224, patch_size=16, depth=12), name, **knobs)
     assert counted_gmacs(model.deployable(), 224) == pytest.approx(model.cost().gmacs, rel=1e-6)
@@ -404,28 +431,34 @@ def test_unreachable_budget_names_the_range(make_vit):
 # ---------------------------------------------------------------- knobs and presets
 
 
-@pytest.mark.parametrize("name, override, fragment", [
-    ("topk", "reducer.keep_rate=0", "reducer.keep_rate=0.0 must be in (0, 1]"),
-    ("evit", "reducer.keep_rate=1.2", "reducer.keep_rate"),
-    ("topk", "reducer.locations=[6,3]", "distinct 0-based blocks in increasing order"),
-    ("evit", "reducer.locations=[]", "reducer.locations"),
-    ("topk", "reducer.count_mode=ceil", "choose one of: relative_ceil, absolute_floor"),
-    ("evit", "reducer.finetune_epochs=-1", "reducer.finetune_epochs=-1 must be >= 0"),
-    ("evit", "reducer.fuse_normalize=true reducer.fuse=false", "needs reducer.fuse=true"),
-    ("evit", "reducer.keep_warmup_start=1.5", "reducer.keep_warmup_start"),
-    ("evit", "reducer.keep_warmup_start=0.5 reducer.keep_warmup_epochs=0.6", "never reaches the keep_rate"),
-    ("topk", "+reducer.fuse=true", "valid knobs"),
-])
+@pytest.mark.parametrize(
+    "name, override, fragment",
+    [
+        ("topk", "reducer.keep_rate=0", "reducer.keep_rate=0.0 must be in (0, 1]"),
+        ("evit", "reducer.keep_rate=1.2", "reducer.keep_rate"),
+        ("topk", "reducer.locations=[6,3]", "distinct 0-based blocks in increasing order"),
+        ("evit", "reducer.locations=[]", "reducer.locations"),
+        ("topk", "reducer.count_mode=ceil", "choose one of: relative_ceil, absolute_floor"),
+        ("evit", "reducer.finetune_epochs=-1", "reducer.finetune_epochs=-1 must be >= 0"),
+        ("evit", "reducer.fuse_normalize=true reducer.fuse=false", "needs reducer.fuse=true"),
+        ("evit", "reducer.keep_warmup_start=1.5", "reducer.keep_warmup_start"),
+        ("evit", "reducer.keep_warmup_start=0.5 reducer.keep_warmup_epochs=0.6", "never reaches the keep_rate"),
+        ("topk", "+reducer.fuse=true", "valid knobs"),
+    ],
+)
 def test_bad_knobs_are_rejected_in_one_line(name, override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")) as err:
         validate(compose_config([f"reducer={name}", *override.split()]))
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("knobs, fragment", [
-    ({"locations": [3, 12]}, "below the backbone depth 12"),
-    ({"keep_rate": 0.1}, "keeps no patch token at block 6"),  # floor(0.1^2 * 16) = 0
-])
+@pytest.mark.parametrize(
+    "knobs, fragment",
+    [
+        ({"locations": [3, 12]}, "below the backbone depth 12"),
+        ({"keep_rate": 0.1}, "keeps no patch token at block 6"),  # floor(0.1^2 * 16) = 0
+    ],
+)
 def test_knobs_that_do_not_fit_the_backbone_are_rejected(make_vit, knobs, fragment):
     with pytest.raises(ValueError, match=fragment):
         reducer(make_vit(depth=12), "topk", **knobs)
@@ -481,8 +514,9 @@ def test_training_free_run_applies_topk_to_the_backbone_weights(run_cfg, tmp_pat
     vit = create_backbone(probe.backbone, int(probe.dataset.num_classes))
     weights = tmp_path / "baseline.safetensors"
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(weights))
-    cfg = run_cfg("reducer=topk", "reducer.finetune_epochs=0", f"backbone.checkpoint={weights}",
-                  "visualize.every_n_epochs=0")
+    cfg = run_cfg(
+        "reducer=topk", "reducer.finetune_epochs=0", f"backbone.checkpoint={weights}", "visualize.every_n_epochs=0"
+    )
     summary = train(cfg)
     run_dir = cfg.paths.output_dir
     assert summary["global_step"] == 0 and summary["val/acc1"] is not None

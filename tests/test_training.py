@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -15,13 +14,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
-import timm
-from timm.scheduler import create_scheduler_v2
 from lightning.pytorch.utilities import rank_zero_only
-from conftest import FAST, run_cli
+from timm.scheduler import create_scheduler_v2
 
+from conftest import FAST, run_cli
 from tokred import reducers
 from tokred.cli import eval as eval_cli
 from tokred.cli import train as train_cli
@@ -30,9 +29,9 @@ from tokred.data.datamodule import IMAGENET_MEAN, IMAGENET_STD
 from tokred.data.synthetic import ShapesDataset
 from tokred.export import load_deployable
 from tokred.reducers.base import Phase, TokenReducer
+from tokred.training import phases as phases_mod
 from tokred.training.loggers import wandb_mode
 from tokred.training.module import NonFiniteLossError, TokredModule
-from tokred.training import phases as phases_mod
 from tokred.training.phases import PhaseContext, save_phase
 from tokred.training.run import build_model, train
 
@@ -64,7 +63,7 @@ def assert_nothing_lost(before: dict[str, bytes], after: dict[str, bytes]) -> No
     """Every file is still there, unchanged, or (logs) only appended to."""
     for name, content in before.items():
         assert name in after, f"{name} was removed"
-        assert after[name][:len(content)] == content, f"{name} was rewritten"
+        assert after[name][: len(content)] == content, f"{name} was rewritten"
 
 
 # ------------------------------------------------------------------------------------------------ resume
@@ -92,9 +91,12 @@ def test_a_run_killed_mid_epoch_resumes_at_the_same_step_and_optimizer_state(run
     def record_resumed_state(self):
         optimizer = self.trainer.optimizers[0]
         first = optimizer.param_groups[0]["params"][0]
-        seen.update(step=self.global_step, lr=optimizer.param_groups[-1]["lr"],
-                    adam_steps={int(s["step"]) for s in optimizer.state.values()},
-                    exp_avg=optimizer.state[first]["exp_avg"].clone())
+        seen.update(
+            step=self.global_step,
+            lr=optimizer.param_groups[-1]["lr"],
+            adam_steps={int(s["step"]) for s in optimizer.state.values()},
+            exp_avg=optimizer.state[first]["exp_avg"].clone(),
+        )
 
     monkeypatch.setattr(TokredModule, "on_train_start", record_resumed_state)
     resumed = run_cfg(*overrides, "ckpt_path=last")
@@ -105,15 +107,21 @@ def test_a_run_killed_mid_epoch_resumes_at_the_same_step_and_optimizer_state(run
     assert seen["step"] == 4 and seen["adam_steps"] == {4}
     assert torch.equal(seen["exp_avg"], saved["optimizer_states"][0]["state"][0]["exp_avg"])
     probe = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=float(cfg.optim.lr))
-    timm_schedule, _ = create_scheduler_v2(probe, num_epochs=2, warmup_epochs=cfg.optim.warmup_epochs,
-                                           warmup_lr=cfg.optim.warmup_lr, min_lr=cfg.optim.min_lr,
-                                           step_on_epochs=False, updates_per_epoch=3)
+    timm_schedule, _ = create_scheduler_v2(
+        probe,
+        num_epochs=2,
+        warmup_epochs=cfg.optim.warmup_epochs,
+        warmup_lr=cfg.optim.warmup_lr,
+        min_lr=cfg.optim.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=3,
+    )
     timm_schedule.step_update(4)  # the LR timm's loop trains the 5th update at
     assert seen["lr"] == pytest.approx(probe.param_groups[0]["lr"])
     assert summary["global_step"] == 6, "the interrupted epoch finishes, then training ends where it would have"
     # Metrics first logged after the resume (the final test/*) add columns: the earlier rows keep their values.
     rows_after = list(csv.DictReader((run_dir / "csv/metrics.csv").open()))
-    kept = [{k: row[k] for k in rows_before[0]} for row in rows_after[:len(rows_before)]]
+    kept = [{k: row[k] for k in rows_before[0]} for row in rows_after[: len(rows_before)]]
     assert kept == rows_before, "the metrics logged before the kill are kept"
     assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 6
 
@@ -197,7 +205,9 @@ def test_ranks_other_than_0_take_a_phase_without_fit_from_rank_0s_snapshot(run_c
         train(cfg)
     finally:
         writer.join()
-    assert waiting.is_set() and SearchWithoutFit.searched_on == [0], "rank 1 waited for rank 0's search instead of running its own"
+    assert waiting.is_set() and SearchWithoutFit.searched_on == [0], (
+        "rank 1 waited for rank 0's search instead of running its own"
+    )
     assert SearchWithoutFit.finetune_bias == [7.0], "and continued from rank 0's searched model"
 
 
@@ -244,13 +254,17 @@ def _fail(*args, **kwargs):
     raise RuntimeError("simulated failure")
 
 
-@pytest.mark.parametrize("broken, step, kept", [
-    ("tokred.training.run.counted_gmacs", "counting FLOPs", "export/model.safetensors"),
-    ("tokred.training.run.save_deployable", "the export", "phases/train.pt"),
-    ("tokred.visualize.TokenMapCallback.draw", "drawing token maps", "export/model.safetensors"),
-])
-def test_a_failing_post_training_step_keeps_the_run_and_names_the_redo(broken, step, kept, tmp_path, capsys,
-                                                                       monkeypatch):
+@pytest.mark.parametrize(
+    "broken, step, kept",
+    [
+        ("tokred.training.run.counted_gmacs", "counting FLOPs", "export/model.safetensors"),
+        ("tokred.training.run.save_deployable", "the export", "phases/train.pt"),
+        ("tokred.visualize.TokenMapCallback.draw", "drawing token maps", "export/model.safetensors"),
+    ],
+)
+def test_a_failing_post_training_step_keeps_the_run_and_names_the_redo(
+    broken, step, kept, tmp_path, capsys, monkeypatch
+):
     args = [*FAST, f"paths.root={tmp_path}", "trainer.max_epochs=1", "visualize.every_n_epochs=1"]
     with monkeypatch.context() as patch:
         patch.setattr(broken, _fail)
@@ -285,11 +299,11 @@ def _wandb_records(path: Path):
         if left < 7:
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:
             pos += left
             continue
-        chunk += data[pos + 7:pos + 7 + length]
+        chunk += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST fragment
             record = pb.Record()
@@ -314,17 +328,36 @@ def wandb_offline_run(path: Path) -> tuple[dict, dict, list[str], str]:
     return summary, config, tags, group
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_with_ckpt_path_last_into_the_same_wandb_run(tmp_path, processes):
     # A wandb service inherited from a parent process (WANDB_SERVICE) must not be shared: a run killed while attached
     # to it would keep its id busy and the resume would fail with "run ID ... is in use". The parent is a separate
     # process that holds its service for the whole test, so the case does not depend on this process's wandb state.
     parent = processes.start(
-        [sys.executable, "-c", "import os, sys, wandb; wandb.init(project='parent', mode='offline', dir=sys.argv[1]); "
-         "print(os.environ['WANDB_SERVICE'], flush=True); sys.stdin.read()", str(tmp_path)],
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, wandb; wandb.init(project='parent', mode='offline', dir=sys.argv[1]); "
+            "print(os.environ['WANDB_SERVICE'], flush=True); sys.stdin.read()",
+            str(tmp_path),
+        ],
         env={k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    args = [sys.executable, "-m", "tokred.cli.train", *FAST_DATA, NO_MAPS, "logger=wandb", f"paths.root={tmp_path}",
-            "trainer.limit_train_batches=4", "trainer.max_epochs=3", "checkpoint.every_n_train_steps=1"]
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "tokred.cli.train",
+        *FAST_DATA,
+        NO_MAPS,
+        "logger=wandb",
+        f"paths.root={tmp_path}",
+        "trainer.limit_train_batches=4",
+        "trainer.max_epochs=3",
+        "checkpoint.every_n_train_steps=1",
+    ]
     runs = tmp_path / "outputs/none/deit_tiny_cpu"
     env = dict(os.environ, WANDB_SERVICE=parent.stdout.readline().strip())
     assert env["WANDB_SERVICE"], "the parent process started no wandb service"
@@ -350,8 +383,17 @@ def test_a_killed_run_resumes_with_ckpt_path_last_into_the_same_wandb_run(tmp_pa
     assert len(offline) == 2 and len({p.name.rsplit("-", 1)[1] for p in offline}) == 1, "one wandb run, continued"
     assert "wandb sync" in out and str(offline[-1]) in out
     logged, config, tags, group = wandb_offline_run(offline[-1])
-    for key in ("backbone", "reducer", "reducer_knobs", "dataset", "model/gmacs", "model/params_m", "val/acc1",
-                "val/acc1_best", "val/acc5"):
+    for key in (
+        "backbone",
+        "reducer",
+        "reducer_knobs",
+        "dataset",
+        "model/gmacs",
+        "model/params_m",
+        "val/acc1",
+        "val/acc1_best",
+        "val/acc5",
+    ):
         assert key in logged, key
     assert logged["model/gmacs"] == pytest.approx(0.0972, rel=0.01) and logged["reducer"] == "none"
     assert logged["val/acc1"] == pytest.approx(summary["val/acc1"])
@@ -365,18 +407,30 @@ def _evaluate_export(run_dir: Path) -> tuple[float, float]:
     """Accuracy and mean loss of the exported model on the whole FAST validation split, in one process."""
     model = load_deployable(run_dir / "export")
     val = ShapesDataset(32, 64, 10, 0, "val")
-    images = (torch.from_numpy(val.images).permute(0, 3, 1, 2).float() / 255
-              - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    images = (
+        torch.from_numpy(val.images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    ) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     labels = torch.from_numpy(val.labels).long()
     with torch.no_grad():
         logits = model(images)
     return (logits.argmax(1) == labels).float().mean().item(), F.cross_entropy(logits, labels).item()
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_syncs_metrics_and_writes_one_run(tmp_path, processes):
     proc = processes.run(
-        [sys.executable, "-m", "tokred.cli.train", *FAST, NO_MAPS, "trainer=ddp_cpu", f"paths.root={tmp_path}",
-         "trainer.max_epochs=1"], timeout=400)
+        [
+            sys.executable,
+            "-m",
+            "tokred.cli.train",
+            *FAST,
+            NO_MAPS,
+            "trainer=ddp_cpu",
+            f"paths.root={tmp_path}",
+            "trainer.max_epochs=1",
+        ],
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs/none/deit_tiny_cpu").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -414,26 +468,53 @@ def _bad_image_folder(root: Path, problem: str) -> Path:
     return root
 
 
-@pytest.mark.parametrize("case", ["missing_root", "empty_image", "unreadable_image", "indivisible_size",
-                                  "classes_vs_checkpoint", "classes_vs_resumed_run", "other_backbone_weights",
-                                  "other_backbone_resume"])
-def test_bad_input_is_one_line_naming_the_fix_and_loses_nothing(case, trained_run, other_backbone_weights,
-                                                                tmp_path, capsys):
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_root",
+        "empty_image",
+        "unreadable_image",
+        "indivisible_size",
+        "classes_vs_checkpoint",
+        "classes_vs_resumed_run",
+        "other_backbone_weights",
+        "other_backbone_resume",
+    ],
+)
+def test_bad_input_is_one_line_naming_the_fix_and_loses_nothing(
+    case, trained_run, other_backbone_weights, tmp_path, capsys
+):
     run_dir, _ = trained_run
     best = run_dir / "checkpoints/train/best.ckpt"
     args, fragment = {
-        "missing_root": (["dataset=cifar10", f"dataset.root={tmp_path / 'absent'}", f"ckpt_path={run_dir}"],
-                         "dataset.download=true"),
-        "empty_image": (["dataset=imagefolder", f"dataset.root={_bad_image_folder(tmp_path / 'empty', 'empty')}"],
-                        "empty image file"),
-        "unreadable_image": (["dataset=imagefolder", f"dataset.root={_bad_image_folder(tmp_path / 'bad', 'bad')}",
-                              "dataset.num_workers=0", "dataset.batch_size=4", "dataset.aug.mixup=0",
-                              "dataset.aug.cutmix=0"], "0.png"),
+        "missing_root": (
+            ["dataset=cifar10", f"dataset.root={tmp_path / 'absent'}", f"ckpt_path={run_dir}"],
+            "dataset.download=true",
+        ),
+        "empty_image": (
+            ["dataset=imagefolder", f"dataset.root={_bad_image_folder(tmp_path / 'empty', 'empty')}"],
+            "empty image file",
+        ),
+        "unreadable_image": (
+            [
+                "dataset=imagefolder",
+                f"dataset.root={_bad_image_folder(tmp_path / 'bad', 'bad')}",
+                "dataset.num_workers=0",
+                "dataset.batch_size=4",
+                "dataset.aug.mixup=0",
+                "dataset.aug.cutmix=0",
+            ],
+            "0.png",
+        ),
         "indivisible_size": ([*FAST, "backbone.img_size=60"], "use a multiple of 8"),
-        "classes_vs_checkpoint": ([*FAST, "dataset.num_classes=5", f"backbone.checkpoint={best}"],
-                                  "backbone.reset_head=true"),
-        "classes_vs_resumed_run": ([*FAST, "dataset.num_classes=5", f"ckpt_path={run_dir}"],
-                                   "backbone.reset_head=true"),
+        "classes_vs_checkpoint": (
+            [*FAST, "dataset.num_classes=5", f"backbone.checkpoint={best}"],
+            "backbone.reset_head=true",
+        ),
+        "classes_vs_resumed_run": (
+            [*FAST, "dataset.num_classes=5", f"ckpt_path={run_dir}"],
+            "backbone.reset_head=true",
+        ),
         "other_backbone_weights": ([*FAST, f"backbone.checkpoint={other_backbone_weights}"], "another backbone"),
         "other_backbone_resume": ([*FAST, "backbone.img_size=32", f"ckpt_path={run_dir}"], "backbone.img_size=64"),
     }[case]
@@ -442,7 +523,7 @@ def test_bad_input_is_one_line_naming_the_fix_and_loses_nothing(case, trained_ru
     assert code == 2
     line = err.strip().splitlines()[-1]
     assert line.startswith("tokred-train: error: ") and fragment in line, err[-2000:]
-    assert not [l for l in err.strip().splitlines() if "Traceback" in l]
+    assert "Traceback" not in err
     assert_nothing_lost(before, snapshot(run_dir))
 
 
@@ -457,20 +538,25 @@ def test_tokred_eval_agrees_across_checkpoint_formats(trained_run, tmp_path, cap
         rows.append(json.loads(out.strip().splitlines()[-1]))
     for row in rows:
         assert row["val/acc1"] == pytest.approx(summary["val/acc1"]) and row["val/acc5"] == pytest.approx(
-            summary["val/acc5"])
+            summary["val/acc5"]
+        )
         assert row["model/gmacs"] == pytest.approx(summary["model/gmacs"], abs=1e-4)
         assert row["model/params_m"] == pytest.approx(summary["model/params_m"], abs=1e-4)
     assert "val/acc1" in (next((tmp_path / "outputs/eval").iterdir()) / "csv/metrics.csv").read_text()
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["dataset.num_classes=5"], "dataset it was trained on (dataset=synthetic)"),
-    (["ckpt_path=/nonexistent/best.ckpt"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["dataset.num_classes=5"], "dataset it was trained on (dataset=synthetic)"),
+        (["ckpt_path=/nonexistent/best.ckpt"], "does not exist"),
+    ],
+)
 def test_tokred_eval_bad_input_is_one_line(trained_run, tmp_path, capsys, args, fragment):
     run_dir, _ = trained_run
-    code, _, err = run_cli(eval_cli.main, capsys, f"ckpt_path={run_dir / 'phases/train.pt'}", *FAST_DATA,
-                           f"paths.root={tmp_path}", *args)
+    code, _, err = run_cli(
+        eval_cli.main, capsys, f"ckpt_path={run_dir / 'phases/train.pt'}", *FAST_DATA, f"paths.root={tmp_path}", *args
+    )
     line = err.strip().splitlines()[-1]
     assert code == 2 and line.startswith("tokred-eval: error: ") and fragment in line
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import timm
-from conftest import FAST, run_cli
 from safetensors.torch import save_file
 
+from conftest import FAST, run_cli
 from tokred.cli import eval as eval_cli
 from tokred.reducers import available_reducers, is_training_free
 
@@ -47,13 +47,19 @@ def test_the_training_free_reducers_are_declared():
     assert {r for r in available_reducers() if is_training_free(r)} == {"none", "tome", "topk", "evit", "ats"}
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["backbone=deit_tiny_cpu", "reducer=sit"], "reducer=sit needs training before it can be evaluated; run tokred-train"),
-    (["backbone=deit_tiny_cpu", "reducer=tome"], "no weights to evaluate; pass backbone.pretrained=true"),
-    (["reducer=tome"], "tokred-eval needs a model"),
-    (["ckpt_path=/somewhere", "reducer=tome"], "with ckpt_path the model comes from the checkpoint"),
-    (["backbone=deit_small", "backbone.pretrained=true"], "pretrained head has 1000 classes but dataset synthetic"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (
+            ["backbone=deit_tiny_cpu", "reducer=sit"],
+            "reducer=sit needs training before it can be evaluated; run tokred-train",
+        ),
+        (["backbone=deit_tiny_cpu", "reducer=tome"], "no weights to evaluate; pass backbone.pretrained=true"),
+        (["reducer=tome"], "tokred-eval needs a model"),
+        (["ckpt_path=/somewhere", "reducer=tome"], "with ckpt_path the model comes from the checkpoint"),
+        (["backbone=deit_small", "backbone.pretrained=true"], "pretrained head has 1000 classes but dataset synthetic"),
+    ],
+)
 def test_training_free_bad_input_is_one_line(args, fragment, tmp_path, capsys, monkeypatch):
     # timm's weights would be downloaded: its loader is stubbed (the head check comes after it)
     monkeypatch.setattr(timm.models._builder, "load_pretrained", lambda *a, **k: None)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, peaked, run_cli
 from PIL import Image
 
+from conftest import FAST, peaked, run_cli
 from tokred.cli import visualize as visualize_cli
 from tokred.config import compose_config
 from tokred.data.synthetic import ShapesDataset
@@ -78,8 +78,14 @@ def test_sit_maps_compose_the_tsm_assignments_back_to_the_original_patches(make_
     by_stage = [torch.arange(16).expand(3, 16)]  # stage 0: every patch is its own token
     for key, n_in, n_out in zip(keys, sizes, sizes[1:]):
         # A random surjection per image (every output gets an input); each output token averages its inputs.
-        target = torch.stack([torch.cat([torch.arange(n_out), torch.randint(n_out, (n_in - n_out,), generator=generator)])
-                              [torch.randperm(n_in, generator=generator)] for _ in range(3)])
+        target = torch.stack(
+            [
+                torch.cat([torch.arange(n_out), torch.randint(n_out, (n_in - n_out,), generator=generator)])[
+                    torch.randperm(n_in, generator=generator)
+                ]
+                for _ in range(3)
+            ]
+        )
         weights = torch.nn.functional.one_hot(target, n_out).float()
         weights = weights / weights.sum(dim=1, keepdim=True)
         monkeypatch.setattr(model.tsms[key], "weights", lambda x, w=weights: w)
@@ -150,8 +156,15 @@ def test_training_callback_writes_the_last_epochs_token_maps(evo_run):
 def test_cli_draws_an_export_and_a_lightning_checkpoint_side_by_side(evo_run, tmp_path, capsys):
     out = tmp_path / "figs"
     code, stdout, err = run_cli(
-        visualize_cli.main, capsys, *FAST_DATA, f"paths.root={tmp_path}", f"hydra.run.dir={out}", "n=3",
-        f"ckpt_path=[{evo_run / 'export'},{evo_run / 'checkpoints/train/last.ckpt'}]", "blocks=[0,4,8]")
+        visualize_cli.main,
+        capsys,
+        *FAST_DATA,
+        f"paths.root={tmp_path}",
+        f"hydra.run.dir={out}",
+        "n=3",
+        f"ckpt_path=[{evo_run / 'export'},{evo_run / 'checkpoints/train/last.ckpt'}]",
+        "blocks=[0,4,8]",
+    )
     assert code == 0, err[-2000:]
     written = [Path(line) for line in stdout.split()]
     assert [p.name for p in written] == ["evo_vit-1.png", "evo_vit-2.png", "comparison.png"]
@@ -167,20 +180,29 @@ def test_cli_reads_a_directory_of_images(evo_run, tmp_path, capsys):
     for i, picture in enumerate(data.images):
         Image.fromarray(picture).save(folder / f"{i}.png")
     (folder / "notes.txt").write_text("not an image")
-    code, stdout, err = run_cli(visualize_cli.main, capsys, *FAST_DATA, f"paths.root={tmp_path}",
-                                f"hydra.run.dir={tmp_path / 'figs'}", f"ckpt_path={evo_run}",
-                                f"images={tmp_path / 'pictures'}")
+    code, stdout, err = run_cli(
+        visualize_cli.main,
+        capsys,
+        *FAST_DATA,
+        f"paths.root={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'figs'}",
+        f"ckpt_path={evo_run}",
+        f"images={tmp_path / 'pictures'}",
+    )
     assert code == 0, err[-2000:]
     assert png_size(Path(stdout.split()[-1]))[1] == 3 * ROW_PX  # n=8 asked, 3 images found
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["images=/nonexistent/pictures"], "neither a dataset split (train, val) nor an existing directory"),
-    (["images={empty}"], "holds no image files"),
-    (["ckpt_path={bad}"], "cannot read"),
-    (["ckpt_path=null"], "ckpt_path is required"),
-    (["blocks=[12]"], "has blocks 0..11"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["images=/nonexistent/pictures"], "neither a dataset split (train, val) nor an existing directory"),
+        (["images={empty}"], "holds no image files"),
+        (["ckpt_path={bad}"], "cannot read"),
+        (["ckpt_path=null"], "ckpt_path is required"),
+        (["blocks=[12]"], "has blocks 0..11"),
+    ],
+)
 def test_cli_bad_input_is_one_line(evo_run, tmp_path, capsys, args, fragment):
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")

@@ -56,8 +56,8 @@ def test_binary_masked_full_model_and_slim_model_give_the_same_logits(make_vit, 
     searched_like(model)
     with torch.no_grad():
         model.mask_attn[1, 0] = -1.0  # a whole head goes
-        model.mask_attn[3] = -1.0     # every head of a block goes
-        model.mask_mlp[2] = -1.0      # every hidden unit of a block goes
+        model.mask_attn[3] = -1.0  # every head of a block goes
+        model.mask_mlp[2] = -1.0  # every hidden unit of a block goes
         model.mask_tokens.fill_(30.0)
     slim = model.deployable()
     with torch.no_grad():  # the binary-masked full model
@@ -98,13 +98,17 @@ def test_token_pruning_removes_tokens_like_gathering_before_each_timm_block(make
     assert torch.equal(maps[2].values[1].flatten().bool(), kept[2])
 
 
-@pytest.mark.parametrize("backbone, budget, paper_gmacs, paper_params", [
-    ("deit_small", 0.7, 3.3, 15.6),
-    ("deit_base", 0.6, 10.6, 52.6),
-])
+@pytest.mark.parametrize(
+    "backbone, budget, paper_gmacs, paper_params",
+    [
+        ("deit_small", 0.7, 3.3, 15.6),
+        ("deit_base", 0.6, 10.6, 52.6),
+    ],
+)
 def test_tokred_flops_reproduces_the_papers_operating_points(backbone, budget, paper_gmacs, paper_params):
-    row = measure([f"backbone={backbone}", "reducer=vit_slim", f"reducer.budget.attn={budget}",
-                   f"reducer.budget.mlp={budget}"])
+    row = measure(
+        [f"backbone={backbone}", "reducer=vit_slim", f"reducer.budget.attn={budget}", f"reducer.budget.mlp={budget}"]
+    )
     assert row["gmacs_analytic"] == pytest.approx(paper_gmacs, rel=0.03)
     assert row["params_m"] == pytest.approx(paper_params, rel=0.03)
     assert row["gmacs_counted"] == pytest.approx(row["gmacs_analytic"], rel=0.02)
@@ -112,8 +116,9 @@ def test_tokred_flops_reproduces_the_papers_operating_points(backbone, budget, p
 
 
 def test_deployable_is_built_from_the_config_alone_deterministically():
-    cfg = compose_config(["reducer=vit_slim", "reducer.budget.attn=0.5", "reducer.budget.mlp=0.4",
-                          "reducer.budget.patch=0.6"])
+    cfg = compose_config(
+        ["reducer=vit_slim", "reducer.budget.attn=0.5", "reducer.budget.mlp=0.4", "reducer.budget.patch=0.6"]
+    )
     slim = build_model(cfg, 10).deployable()
     again = build_model(cfg, 10).deployable()
     assert slim.keep.equal(again.keep)
@@ -165,10 +170,19 @@ def _metric(run_dir: str, name: str) -> list[float]:
 
 
 def test_search_extract_retrain_in_one_run_resumable_and_phases_alone(run_cfg, tmp_path):
-    knobs = ["reducer=vit_slim", "reducer.search_epochs=1", "reducer.retrain_epochs=1", "reducer.search_lr=2e-2",
-             "reducer.l1_weights=[5e-2,2e-2,5e-2]", "reducer.budget.attn=0.5", "reducer.budget.mlp=0.5",
-             "reducer.budget.patch=0.7", "dataset.batch_size=8", "trainer.limit_train_batches=3",
-             "+trainer.num_sanity_val_steps=0"]
+    knobs = [
+        "reducer=vit_slim",
+        "reducer.search_epochs=1",
+        "reducer.retrain_epochs=1",
+        "reducer.search_lr=2e-2",
+        "reducer.l1_weights=[5e-2,2e-2,5e-2]",
+        "reducer.budget.attn=0.5",
+        "reducer.budget.mlp=0.5",
+        "reducer.budget.patch=0.7",
+        "dataset.batch_size=8",
+        "trainer.limit_train_batches=3",
+        "+trainer.num_sanity_val_steps=0",
+    ]
     cfg = run_cfg(*knobs)
     summary = train(cfg)
     run = cfg.paths.output_dir
@@ -205,8 +219,9 @@ def test_search_extract_retrain_in_one_run_resumable_and_phases_alone(run_cfg, t
     assert stamps == {p: os.path.getmtime(f"{run}/phases/{p}.pt") for p in stamps}
 
     # Extraction alone from the finished search, at another budget; then re-training alone from that extraction.
-    alone = run_cfg(*knobs, "reducer.phases=[extract]", f"reducer.init_checkpoint={run}/phases/search.pt",
-                    "reducer.budget.attn=0.3")
+    alone = run_cfg(
+        *knobs, "reducer.phases=[extract]", f"reducer.init_checkpoint={run}/phases/search.pt", "reducer.budget.attn=0.3"
+    )
     alone.paths.output_dir = str(tmp_path / "alone")
     train(alone)
     other = torch.load(tmp_path / "alone/phases/extract.pt", weights_only=True)["structure"]["slim"]
@@ -214,13 +229,17 @@ def test_search_extract_retrain_in_one_run_resumable_and_phases_alone(run_cfg, t
     assert other["mlp"] == structure["mlp"]  # the same searched masks, the same MLP budget
     retrain = run_cfg(*knobs, "reducer.phases=[retrain]", f"reducer.init_checkpoint={tmp_path}/alone/phases/extract.pt")
     retrain.paths.output_dir = str(tmp_path / "retrain")
-    assert train(retrain)["model/gmacs"] == pytest.approx(load_deployable(tmp_path / "alone/phases/extract").cost().gmacs)
+    assert train(retrain)["model/gmacs"] == pytest.approx(
+        load_deployable(tmp_path / "alone/phases/extract").cost().gmacs
+    )
 
 
 def test_standalone_checkpoint_loads_safely(tmp_path):
     cfg = compose_config(["reducer=vit_slim", "reducer.budget.patch=0.5"])
     model = searched_like(build_model(cfg, 10))
-    directory = save_deployable(model, tmp_path / "slim", {k: OmegaConf.to_container(cfg[k]) for k in ("backbone", "reducer")})
+    directory = save_deployable(
+        model, tmp_path / "slim", {k: OmegaConf.to_container(cfg[k]) for k in ("backbone", "reducer")}
+    )
     assert sorted(os.listdir(directory)) == ["config.json", "model.safetensors"]
     images = torch.randn(2, 3, 64, 64)
     loaded = load_deployable(directory)
@@ -238,20 +257,23 @@ def test_standalone_checkpoint_loads_safely(tmp_path):
         load_deployable(directory)
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("reducer.budget.attn=0", "reducer.budget.attn=0.0 must be in (0, 1]"),
-    ("reducer.budget.patch=1.5", "reducer.budget.patch=1.5"),
-    ("reducer.token_rule=both", "code, paper"),
-    ("reducer.l1_weights=[1e-4,1e-4]", "three weights"),
-    ("reducer.l1_weights=[1e-4,-1,1e-4]", "three weights"),
-    ("reducer.phases=[retrain,search]", "pipeline order"),
-    ("reducer.phases=[prune]", "subset of"),
-    ("reducer.phases=[extract]", "init_checkpoint"),
-    ("reducer.search_epochs=0", "reducer.search_epochs"),
-    ("reducer.retrain_epochs=0", "reducer.retrain_epochs"),
-    ("reducer.search_lr=0", "reducer.search_lr"),
-    ("+reducer.budget.heads=0.5", "valid knobs"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("reducer.budget.attn=0", "reducer.budget.attn=0.0 must be in (0, 1]"),
+        ("reducer.budget.patch=1.5", "reducer.budget.patch=1.5"),
+        ("reducer.token_rule=both", "code, paper"),
+        ("reducer.l1_weights=[1e-4,1e-4]", "three weights"),
+        ("reducer.l1_weights=[1e-4,-1,1e-4]", "three weights"),
+        ("reducer.phases=[retrain,search]", "pipeline order"),
+        ("reducer.phases=[prune]", "subset of"),
+        ("reducer.phases=[extract]", "init_checkpoint"),
+        ("reducer.search_epochs=0", "reducer.search_epochs"),
+        ("reducer.retrain_epochs=0", "reducer.retrain_epochs"),
+        ("reducer.search_lr=0", "reducer.search_lr"),
+        ("+reducer.budget.heads=0.5", "valid knobs"),
+    ],
+)
 def test_bad_knobs_are_rejected_naming_the_knob(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         validate(compose_config(["reducer=vit_slim", override]))
@@ -266,8 +288,9 @@ def test_unsupported_backbones_and_missing_checkpoints_fail_clearly(make_vit, ru
         train(cfg)
 
 
-@pytest.mark.parametrize("preset, backbone, budget", [("vit_slim_deit_s", "deit_small", 0.7),
-                                                      ("vit_slim_deit_b", "deit_base", 0.6)])
+@pytest.mark.parametrize(
+    "preset, backbone, budget", [("vit_slim_deit_s", "deit_small", 0.7), ("vit_slim_deit_b", "deit_base", 0.6)]
+)
 def test_presets_compose_to_the_papers_recipe(preset, backbone, budget):
     cfg = compose_config([f"experiment={preset}"])
     validate(cfg)
@@ -290,8 +313,9 @@ def test_paper_presets_apply_the_official_effective_l1_on_the_devices_they_state
     for devices in (int(cfg.trainer.devices), 4, 8):
         assert effective_l1_weights(knobs, devices) == pytest.approx(official), devices
     # ... and the search loss applies exactly those weights (one process here).
-    model = slim_reducer(make_vit(), l1_weights=list(knobs.l1_weights),
-                         l1_divide_by_world_size=knobs.l1_divide_by_world_size).train()
+    model = slim_reducer(
+        make_vit(), l1_weights=list(knobs.l1_weights), l1_divide_by_world_size=knobs.l1_divide_by_world_size
+    ).train()
     _, terms = model.losses(IMAGES, torch.tensor([0, 1, 2]), nn.functional.cross_entropy)
     assert terms["l1_attn"].item() == pytest.approx(official[0] * model.mask_attn.abs().sum().item())
     assert terms["l1_mlp"].item() == pytest.approx(official[1] * model.mask_mlp.abs().sum().item())

@@ -1,9 +1,9 @@
 """tokred without its command line: apply a reducer to a timm ViT you already hold, save it, load it back.
 
-    vit = timm.create_model("deit_small_patch16_224", pretrained=True)
-    fast = tokred.patch(vit, "tome", r=13).eval()      # runs ToMe on vit's own weights
-    tokred.save(fast, "deit_s_tome")                    # config.json + model.safetensors, as tokred-train exports
-    same = tokred.load("deit_s_tome")
+vit = timm.create_model("deit_small_patch16_224", pretrained=True)
+fast = tokred.patch(vit, "tome", r=13).eval()      # runs ToMe on vit's own weights
+tokred.save(fast, "deit_s_tome")                    # config.json + model.safetensors, as tokred-train exports
+same = tokred.load("deit_s_tome")
 """
 
 from __future__ import annotations
@@ -39,9 +39,13 @@ def save(model: TokenReducer, directory: str | Path) -> Path:
     timm's registered defaults are not, so such models are best exported by ``tokred-train``.
     """
     vit = model.vit
-    backbone = {"name": vit.pretrained_cfg["architecture"], "model": vit.pretrained_cfg["architecture"],
-                "img_size": int(vit.patch_embed.img_size[0]), "patch_size": int(vit.patch_embed.patch_size[0]),
-                "kwargs": {}}
+    backbone = {
+        "name": vit.pretrained_cfg["architecture"],
+        "model": vit.pretrained_cfg["architecture"],
+        "img_size": int(vit.patch_embed.img_size[0]),
+        "patch_size": int(vit.patch_embed.patch_size[0]),
+        "kwargs": {},
+    }
     config = {"backbone": backbone, "reducer": asdict(model.cfg)}
     return save_deployable(model, Path(directory), config)
 

@@ -6,23 +6,31 @@ model (12 blocks, CLS token, pre-norm) narrow enough to train on a laptop CPU on
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-
 # timm looks up a module-level `default_cfgs` when registering; no weights are published for this model.
-default_cfgs = generate_default_cfgs({
-    "deit_tiny_cpu_patch8_64.untrained": {"num_classes": 10, "input_size": (3, 64, 64), "mean": IMAGENET_DEFAULT_MEAN,
-                                          "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head"},
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "deit_tiny_cpu_patch8_64.untrained": {
+            "num_classes": 10,
+            "input_size": (3, 64, 64),
+            "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+)
 
 
 @register_model
@@ -52,8 +60,10 @@ def create_backbone(cfg: Mapping[str, Any], num_classes: int) -> VisionTransform
         **kwargs,
     )
     if not isinstance(model, VisionTransformer):
-        raise ValueError(f"backbone.model={name!r} is a {type(model).__name__}; tokred reducers need a timm "
-                         "VisionTransformer (ViT/DeiT/DeiT-III family)")
+        raise ValueError(
+            f"backbone.model={name!r} is a {type(model).__name__}; tokred reducers need a timm "
+            "VisionTransformer (ViT/DeiT/DeiT-III family)"
+        )
     if cfg.get("checkpoint"):
         load_backbone_checkpoint(model, cfg["checkpoint"], reset_head=bool(cfg.get("reset_head", False)))
     return model
@@ -71,8 +81,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r} ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                              "is it corrupt or truncated? Re-download or re-export it") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r} ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            "is it corrupt or truncated? Re-download or re-export it"
+        ) from None
     for key in ("state_dict", "model", "model_state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -86,7 +98,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]) -> dict[
     """Map keys of tokred/Lightning/DDP checkpoints (``model.vit.``, ``module.``) onto timm's names."""
     for prefix in ("model.vit.", "vit.", "model.", "module."):
         if not any(k in expected for k in state) and any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state
 
 
@@ -116,8 +128,10 @@ def load_backbone_checkpoint(model: VisionTransformer, path: str | Path, reset_h
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
             if keys
         )
-        raise CheckpointError(f"checkpoint {str(path)!r} does not match backbone ({detail}); "
-                              "is it from another backbone? Set backbone=<the one it was trained with>")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match backbone ({detail}); "
+            "is it from another backbone? Set backbone=<the one it was trained with>"
+        )
     model.load_state_dict(state, strict=not reset_head)
 
 

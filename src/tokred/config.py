@@ -11,12 +11,13 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -38,7 +39,7 @@ def job_dirname(overrides: str) -> str:
     if len(name.encode()) <= MAX_DIRNAME:
         return name
     digest = hashlib.sha1(overrides.encode()).hexdigest()[:12]
-    return name.encode()[:MAX_DIRNAME - 13].decode(errors="ignore") + "-" + digest
+    return name.encode()[: MAX_DIRNAME - 13].decode(errors="ignore") + "-" + digest
 
 
 # Referenced by conf/train.yaml (hydra.sweep.subdir); registered on import, which every tokred process (launcher
@@ -65,8 +66,10 @@ class ConfigError(ValueError):
 def null_groups(overrides: Sequence[str]) -> list[str]:
     """``logger=null`` / ``callbacks=null`` as Hydra spells "no entry from this group" (``~logger``): Hydra itself
     refuses ``<group>=null`` on the command line."""
-    return [f"~{o.split('=', 1)[0]}" if re.fullmatch(r"\w+=null", o) and o.split("=", 1)[0] in GROUPS else o
-            for o in overrides]
+    return [
+        f"~{o.split('=', 1)[0]}" if re.fullmatch(r"\w+=null", o) and o.split("=", 1)[0] in GROUPS else o
+        for o in overrides
+    ]
 
 
 def check_group_overrides(overrides: Sequence[str]) -> None:
@@ -83,8 +86,10 @@ def validate(cfg: DictConfig) -> None:
     """Check values Hydra cannot: cross-field consistency and ranges. Raises :class:`ConfigError`."""
     img, patch = int(cfg.backbone.img_size), int(cfg.backbone.patch_size)
     if img % patch:
-        raise ConfigError(f"backbone.img_size={img} is not divisible by the patch size {patch}; "
-                          f"use a multiple of {patch}, e.g. {img // patch * patch}")
+        raise ConfigError(
+            f"backbone.img_size={img} is not divisible by the patch size {patch}; "
+            f"use a multiple of {patch}, e.g. {img // patch * patch}"
+        )
     if "img_size" in cfg.dataset and int(cfg.dataset.img_size) != img:
         raise ConfigError(f"dataset.img_size={cfg.dataset.img_size} differs from backbone.img_size={img}")
     batch = int(cfg.dataset.batch_size)
@@ -92,11 +97,15 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.batch_size={batch} must be >= 1")
     aug = cfg.dataset.get("aug") or {}
     if (aug.get("mixup", 0) or aug.get("cutmix", 0)) and batch % 2:
-        raise ConfigError(f"dataset.batch_size={batch} must be even with mixup/cutmix (timm pairs each image with "
-                          f"another); use {batch + 1}, or set dataset.aug.mixup=0 dataset.aug.cutmix=0")
+        raise ConfigError(
+            f"dataset.batch_size={batch} must be even with mixup/cutmix (timm pairs each image with "
+            f"another); use {batch + 1}, or set dataset.aug.mixup=0 dataset.aug.cutmix=0"
+        )
     if "train_size" in cfg.dataset and int(cfg.dataset.train_size) < batch:
-        raise ConfigError(f"dataset.train_size={cfg.dataset.train_size} is smaller than dataset.batch_size={batch}; "
-                          "training drops incomplete batches, so no step would run: lower the batch size")
+        raise ConfigError(
+            f"dataset.train_size={cfg.dataset.train_size} is smaller than dataset.batch_size={batch}; "
+            "training drops incomplete batches, so no step would run: lower the batch size"
+        )
     every = cfg.get("checkpoint", {}).get("every_n_train_steps", 0)
     if int(every) < 0:
         raise ConfigError(f"checkpoint.every_n_train_steps={every} must be >= 0 (0: save at epoch ends only)")
@@ -149,14 +158,17 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train") ->
         cause = err.__cause__ or err
         key = getattr(cause, "full_key", None) or next((k for k, _ in values if f"'{k}'" in str(err)), None)
         if key is None:
-            raise ConfigError(f"cannot read the overrides ({str(err).strip().splitlines()[0]}); write key=value, "
-                              "quoting values that hold spaces or brackets") from None
+            raise ConfigError(
+                f"cannot read the overrides ({str(err).strip().splitlines()[0]}); write key=value, "
+                "quoting values that hold spaces or brackets"
+            ) from None
         groups = [o for o in overrides if (o.lstrip("+~").split("=", 1)[0] in GROUPS)]
         known = _flat_keys(OmegaConf.to_container(_compose(groups, config_name)))
         close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ConfigError(f"{key!r} is not a setting of tokred-{config_name}; {hint}(+{key}=... adds a new key)"
-                          ) from None
+        raise ConfigError(
+            f"{key!r} is not a setting of tokred-{config_name}; {hint}(+{key}=... adds a new key)"
+        ) from None
     typed = [(k, o) for k, o in values if isinstance(OmegaConf.select(cfg, k, throw_on_missing=False), str)]
     if typed:  # only a string can be a wrong type here; compare with the value it replaces
         defaults = _compose([o for o in overrides if o not in {o for _, o in typed}], config_name)
@@ -208,8 +220,10 @@ def check_writable(directory: Path) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        raise ConfigError(f"cannot write runs under {directory}: {existing} is not writable ({err.strerror}); pass "
-                          "paths.root=<a writable directory> (or set TOKRED_ROOT)") from None
+        raise ConfigError(
+            f"cannot write runs under {directory}: {existing} is not writable ({err.strerror}); pass "
+            "paths.root=<a writable directory> (or set TOKRED_ROOT)"
+        ) from None
 
 
 def runs_root(overrides: Sequence[str] = ()) -> Path:

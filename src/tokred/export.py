@@ -8,8 +8,9 @@ or teacher.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -44,8 +45,10 @@ def load_deployable(directory: str | Path) -> nn.Module:
     directory = Path(directory)
     config_path, weights_path = directory / "config.json", directory / "model.safetensors"
     if not config_path.is_file() or not weights_path.is_file():
-        raise CheckpointError(f"{str(directory)!r} is not an exported tokred model (needs config.json and "
-                              "model.safetensors; export one with tokred-train, it writes <run_dir>/export)")
+        raise CheckpointError(
+            f"{str(directory)!r} is not an exported tokred model (needs config.json and "
+            "model.safetensors; export one with tokred-train, it writes <run_dir>/export)"
+        )
     config = json.loads(config_path.read_text())
     vit = create_backbone(config["backbone"], config["num_classes"])
     model = create_reducer(config["reducer"], vit)
@@ -54,5 +57,7 @@ def load_deployable(directory: str | Path) -> nn.Module:
     try:
         deploy.load_state_dict(load_file(str(weights_path)))
     except RuntimeError as err:
-        raise CheckpointError(f"{str(weights_path)!r} does not match its config.json ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{str(weights_path)!r} does not match its config.json ({str(err).splitlines()[0]})"
+        ) from None
     return deploy.eval()

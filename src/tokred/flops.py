@@ -14,8 +14,8 @@ Tests hold the two within 2% of each other and of the papers' numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ class BlockCost:
     n_mlp: int | None = None  # None: the MLP runs on the n_q attention outputs
 
     @classmethod
-    def dense(cls, n_tokens: int, embed_dim: int, mlp_hidden: int, extra_macs: int = 0) -> "BlockCost":
+    def dense(cls, n_tokens: int, embed_dim: int, mlp_hidden: int, extra_macs: int = 0) -> BlockCost:
         return cls(n_tokens, n_tokens, embed_dim, embed_dim, embed_dim, mlp_hidden, extra_macs)
 
     def macs(self) -> int:
@@ -135,7 +135,12 @@ def counted_gmacs(model: nn.Module, img_size: int, in_chans: int = 3, batch_size
 
 
 def bisect_budget(
-    gmacs_at: Callable[[float], float], target: float, lo: float, hi: float, tol: float = 1e-3, iters: int = 60,
+    gmacs_at: Callable[[float], float],
+    target: float,
+    lo: float,
+    hi: float,
+    tol: float = 1e-3,
+    iters: int = 60,
     ceiling: bool = False,
 ) -> float:
     """The knob value in [lo, hi] whose cost is closest to ``target`` GMACs; ``gmacs_at`` must be monotone.

@@ -8,20 +8,21 @@ each input patch by the output token it feeds most.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import matplotlib
 
 matplotlib.use("Agg")  # headless: figures are written to files or logged, never shown
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.collections import LineCollection  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
 
 from tokred.data.datamodule import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from tokred.io import atomic_write  # noqa: E402
@@ -96,8 +97,9 @@ def summarize(token_map: TokenMap) -> str:
     return f"{100 * token_map.values.gt(0.5).float().mean().item():.0f}% {KIND_LABEL[token_map.kind]}"
 
 
-def reducer_figure(images: torch.Tensor, maps: Sequence[TokenMap], blocks: Sequence[int] | None = None,
-                   title: str = "") -> plt.Figure:
+def reducer_figure(
+    images: torch.Tensor, maps: Sequence[TokenMap], blocks: Sequence[int] | None = None, title: str = ""
+) -> plt.Figure:
     """One row per image: the input, then the token map of each selected block."""
     blocks = list(blocks) if blocks else select_blocks(maps)
     by_block = {m.block: m for m in maps}
@@ -123,8 +125,9 @@ def comparison_figure(images: torch.Tensor, maps: dict[str, Sequence[TokenMap]])
     """Reducers side by side on the same images, each at the middle one of its blocks where the map changes."""
     pictures = denormalize(images)
     names = list(maps)
-    fig, axes = plt.subplots(len(pictures), 1 + len(names), figsize=(1.9 * (1 + len(names)), 1.9 * len(pictures)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(pictures), 1 + len(names), figsize=(1.9 * (1 + len(names)), 1.9 * len(pictures)), squeeze=False
+    )
     for col, name in enumerate(names, start=1):
         chosen = select_blocks(maps[name], most=3)
         block = chosen[len(chosen) // 2]
@@ -163,8 +166,11 @@ class TokenMapCallback(Callback):
         return (epoch + 1) % self.every_n_epochs == 0 or epoch + 1 == max_epochs
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or not self.due(trainer.current_epoch,
-                                                                               trainer.max_epochs):
+        if (
+            trainer.sanity_checking
+            or not trainer.is_global_zero
+            or not self.due(trainer.current_epoch, trainer.max_epochs)
+        ):
             return
         model: TokenReducer = pl_module.model
         was_training, phase, epoch = model.training, model.phase or "fit", trainer.current_epoch
@@ -172,10 +178,17 @@ class TokenMapCallback(Callback):
             self.draw(trainer, model, phase, epoch)
         except Exception as err:  # noqa: BLE001 - a figure is never worth the training run
             run_dir = self.out_dir.parent
-            log.warning("token maps of %s epoch %d failed (%s: %s); draw them later with tokred-visualize "
-                        "ckpt_path=%s", phase, epoch, type(err).__name__, err, run_dir)
-            self.failures.append(f"drawing token maps failed ({type(err).__name__}; redo: tokred-visualize "
-                                 f"ckpt_path={run_dir})")
+            log.warning(
+                "token maps of %s epoch %d failed (%s: %s); draw them later with tokred-visualize ckpt_path=%s",
+                phase,
+                epoch,
+                type(err).__name__,
+                err,
+                run_dir,
+            )
+            self.failures.append(
+                f"drawing token maps failed ({type(err).__name__}; redo: tokred-visualize ckpt_path={run_dir})"
+            )
         finally:
             model.train(was_training)
 

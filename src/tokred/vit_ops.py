@@ -96,7 +96,11 @@ def attend(
     """q/k-norm, scaled dot-product attention (fused), scale-norm and output projection -> (B, n_q, C)."""
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=attn.attn_drop.p if attn.training else 0.0,
+        q,
+        k,
+        v,
+        attn_mask=attn_mask,
+        dropout_p=attn.attn_drop.p if attn.training else 0.0,
         scale=attn.scale if scale is None else scale,
     )
     b, h, n, d = out.shape

@@ -28,8 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 DIRECTIONS = ("maximize", "minimize")
-SAMPLERS = {"nsga2": optuna.samplers.NSGAIISampler, "tpe": optuna.samplers.TPESampler,
-            "random": optuna.samplers.RandomSampler}
+SAMPLERS = {
+    "nsga2": optuna.samplers.NSGAIISampler,
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+}
 
 
 def distribution(override: Override) -> optuna.distributions.BaseDistribution:
@@ -60,8 +63,17 @@ def objective_values(ret: JobReturn, objectives: Sequence[str]) -> list[float] |
 class OptunaSweeper(Sweeper):
     """Multi-objective Optuna search; writes the Pareto front (``study.best_trials``) to ``<sweep dir>/pareto.json``."""
 
-    def __init__(self, objectives: Mapping[str, str], n_trials: int, n_jobs: int, sampler: str, seed: int | None,
-                 study_name: str, storage: str | None, params: Mapping[str, str] | None) -> None:
+    def __init__(
+        self,
+        objectives: Mapping[str, str],
+        n_trials: int,
+        n_jobs: int,
+        sampler: str,
+        seed: int | None,
+        study_name: str,
+        storage: str | None,
+        params: Mapping[str, str] | None,
+    ) -> None:
         bad = {k: v for k, v in objectives.items() if v not in DIRECTIONS}
         if not objectives or bad:
             raise ValueError(f"hydra.sweeper.objectives needs <summary key>: maximize|minimize entries, got {bad}")
@@ -77,14 +89,20 @@ class OptunaSweeper(Sweeper):
         self.config = config
         self.hydra_context = hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config)
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
 
     def _study(self, sweep_dir: Path) -> optuna.Study:
         storage = self.storage or optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna.journal")))
+            optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna.journal"))
+        )
         return optuna.create_study(
-            study_name=self.study_name, storage=storage, load_if_exists=True,
-            directions=list(self.objectives.values()), sampler=SAMPLERS[self.sampler](seed=self.seed))
+            study_name=self.study_name,
+            storage=storage,
+            load_if_exists=True,
+            directions=list(self.objectives.values()),
+            sampler=SAMPLERS[self.sampler](seed=self.seed),
+        )
 
     @staticmethod
     def _requeue_interrupted(study: optuna.Study) -> None:
@@ -99,8 +117,9 @@ class OptunaSweeper(Sweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
         space = {o.get_key_element(): distribution(o) for o in overrides if o.is_sweep_override()}
-        fixed = [f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in overrides
-                 if not o.is_sweep_override()]
+        fixed = [
+            f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in overrides if not o.is_sweep_override()
+        ]
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
@@ -116,8 +135,12 @@ class OptunaSweeper(Sweeper):
             for trial, ret in zip(trials, self.launcher.launch(batch, initial_job_idx=job_idx)):
                 values = objective_values(ret, list(self.objectives))
                 if values is None:
-                    log.warning("trial %d failed or returned no %s: %s", trial.number, list(self.objectives),
-                                ret.return_value if ret.status == JobStatus.FAILED else "missing values")
+                    log.warning(
+                        "trial %d failed or returned no %s: %s",
+                        trial.number,
+                        list(self.objectives),
+                        ret.return_value if ret.status == JobStatus.FAILED else "missing values",
+                    )
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 else:
                     trial.set_user_attr("run_dir", str(ret.return_value.get("run_dir", ret.working_dir)))
@@ -127,13 +150,22 @@ class OptunaSweeper(Sweeper):
         return self._write_front(study, sweep_dir)
 
     def _write_front(self, study: optuna.Study, sweep_dir: Path) -> list[dict[str, Any]]:
-        front = [{"trial": t.number, "values": dict(zip(self.objectives, t.values)), "params": t.params,
-                  "run_dir": t.user_attrs.get("run_dir")} for t in study.best_trials]
+        front = [
+            {
+                "trial": t.number,
+                "values": dict(zip(self.objectives, t.values)),
+                "params": t.params,
+                "run_dir": t.user_attrs.get("run_dir"),
+            }
+            for t in study.best_trials
+        ]
         front.sort(key=lambda row: row["values"][next(iter(self.objectives))])
-        (sweep_dir / "pareto.json").write_text(json.dumps(
-            {"objectives": self.objectives, "n_trials": len(study.trials), "front": front}, indent=2))
-        log.info("Pareto front (%d of %d trials), written to %s:", len(front), len(study.trials),
-                 sweep_dir / "pareto.json")
+        (sweep_dir / "pareto.json").write_text(
+            json.dumps({"objectives": self.objectives, "n_trials": len(study.trials), "front": front}, indent=2)
+        )
+        log.info(
+            "Pareto front (%d of %d trials), written to %s:", len(front), len(study.trials), sweep_dir / "pareto.json"
+        )
         for row in front:
             log.info("  trial %d: %s  %s", row["trial"], row["values"], row["params"])
         return front

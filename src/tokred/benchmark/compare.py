@@ -50,8 +50,13 @@ def plan(cfg: DictConfig) -> list[Step]:
     # The checkpoint path is quoted so Hydra reads it as one string whatever characters the path holds.
     cfg.baseline_ckpt = f"'{baseline_dir(runs_dir) / 'export' / 'model.safetensors'}'"
     common = [*cfg.train, f"logger={'wandb' if cfg.wandb else 'csv'}"]
-    steps = [Step("baseline", [*common, "reducer=none", *cfg.baseline, f"hydra.run.dir={baseline_dir(runs_dir)}"],
-                  [baseline_dir(runs_dir)])]
+    steps = [
+        Step(
+            "baseline",
+            [*common, "reducer=none", *cfg.baseline, f"hydra.run.dir={baseline_dir(runs_dir)}"],
+            [baseline_dir(runs_dir)],
+        )
+    ]
     reducers = list(cfg.reducers) if cfg.reducers else available_reducers()
     for name in reducers:
         reducer_class(name)  # one-line ValueError listing the registered reducers
@@ -62,9 +67,15 @@ def plan(cfg: DictConfig) -> list[Step]:
         # Hydra names a budget's directory r<target_ratio> (str of the float, as below).
         todo = [float(b) for b in cfg.budgets if not (sweep_dir / f"r{float(b)}" / "summary.json").is_file()]
         runs = [sweep_dir / f"r{float(b)}" for b in cfg.budgets]
-        args = ["-m", *common, f"reducer={name}", *sweep,
-                f"reducer.target_ratio={','.join(str(b) for b in todo)}",
-                f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=r${reducer.target_ratio}"]
+        args = [
+            "-m",
+            *common,
+            f"reducer={name}",
+            *sweep,
+            f"reducer.target_ratio={','.join(str(b) for b in todo)}",
+            f"hydra.sweep.dir={sweep_dir}",
+            "hydra.sweep.subdir=r${reducer.target_ratio}",
+        ]
         steps.append(Step(name, args, runs))
     return steps
 
@@ -82,8 +93,10 @@ def run(cfg: DictConfig) -> list[str]:
             continue
         if subprocess.run(step.command()).returncode != 0:
             if step.name == "baseline":
-                raise RuntimeError("the baseline run failed (its error is printed above); every sweep starts from it, "
-                                   "so fix that first and re-run tokred-compare")
+                raise RuntimeError(
+                    "the baseline run failed (its error is printed above); every sweep starts from it, "
+                    "so fix that first and re-run tokred-compare"
+                )
             failed.append(step.name)
     if cfg.dry_run:
         return failed
@@ -105,5 +118,10 @@ def main() -> None:
     except (HydraException, OmegaConfBaseException) as err:
         fail("tokred-compare", ValueError(f"{str(err).strip().splitlines()[0]} (keys: see conf/compare.yaml)"))
     if failed:
-        fail("tokred-compare", RuntimeError(f"sweeps failed: {', '.join(failed)} (errors above); the report covers "
-                                            "the runs that finished; re-run tokred-compare to resume the rest"))
+        fail(
+            "tokred-compare",
+            RuntimeError(
+                f"sweeps failed: {', '.join(failed)} (errors above); the report covers "
+                "the runs that finished; re-run tokred-compare to resume the rest"
+            ),
+        )

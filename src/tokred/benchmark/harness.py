@@ -10,15 +10,23 @@ the reducer sets its own knob to meet it, the harness only reads back what it ac
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tokred.benchmark.outputs import (
-    Column, fmt, md_table, merge_rows, scatter_plot, write_csv, write_json, write_text,
+    Column,
+    fmt,
+    md_table,
+    merge_rows,
+    scatter_plot,
+    write_csv,
+    write_json,
+    write_text,
 )
 from tokred.benchmark.timing import SpeedSettings, machine_info, measure_speed, prepare, setup, steps_per_model
 from tokred.benchmark.wandb_log import log_rows
@@ -68,23 +76,50 @@ def plan(cfg: DictConfig) -> list[Entry]:
     entries = []
     for backbone in cfg.backbones:
         base = (points.get("none") or [{}])[0]
-        entries.append(Entry(backbone, "none", base.get("label", "baseline"), "baseline", [],
-                             paper_gmacs=_paper(base, backbone, "gmacs"), paper_top1=_paper(base, backbone, "top1")))
+        entries.append(
+            Entry(
+                backbone,
+                "none",
+                base.get("label", "baseline"),
+                "baseline",
+                [],
+                paper_gmacs=_paper(base, backbone, "gmacs"),
+                paper_top1=_paper(base, backbone, "top1"),
+            )
+        )
         for name in reducers:
             if name == "none":
                 continue
             for point in points.get(name) or [{"label": "default", "overrides": []}]:
                 overrides = [*point.get("overrides", []), *(point.get("backbone_overrides") or {}).get(backbone, [])]
-                entries.append(Entry(backbone, name, point["label"], "operating_point", overrides,
-                                     paper_gmacs=_paper(point, backbone, "gmacs"),
-                                     paper_top1=_paper(point, backbone, "top1")))
+                entries.append(
+                    Entry(
+                        backbone,
+                        name,
+                        point["label"],
+                        "operating_point",
+                        overrides,
+                        paper_gmacs=_paper(point, backbone, "gmacs"),
+                        paper_top1=_paper(point, backbone, "top1"),
+                    )
+                )
             for ratio in cfg.budgets:
-                entries.append(Entry(backbone, name, f"r={float(ratio):.2f}", "matched_budget",
-                                     [f"reducer.target_ratio={float(ratio)}"], target_ratio=float(ratio)))
+                entries.append(
+                    Entry(
+                        backbone,
+                        name,
+                        f"r={float(ratio):.2f}",
+                        "matched_budget",
+                        [f"reducer.target_ratio={float(ratio)}"],
+                        target_ratio=float(ratio),
+                    )
+                )
     keys = [e.key for e in entries]
     for key in {k for k in keys if keys.count(k) > 1}:
-        raise ConfigError(f"two benchmark rows are both {key!r}; give the operating points of that reducer distinct "
-                          "labels in conf/benchmark.yaml (r=<budget> labels are taken by the matched budgets)")
+        raise ConfigError(
+            f"two benchmark rows are both {key!r}; give the operating points of that reducer distinct "
+            "labels in conf/benchmark.yaml (r=<budget> labels are taken by the matched budgets)"
+        )
     return entries
 
 
@@ -113,8 +148,9 @@ def _relative(rows: list[dict[str, Any]]) -> None:
         row["gmacs_ratio"] = round(base["gmacs"] / row["gmacs"], 4)
         row["speedup"] = round(row["throughput"] / base["throughput"], 4)
         row["speedup_per_gmacs_ratio"] = round(row["speedup"] / row["gmacs_ratio"], 4)
-        row["latency_speedup"] = (round(base["latency_ms"] / row["latency_ms"], 4)
-                                  if row["latency_ms"] and base["latency_ms"] else None)
+        row["latency_speedup"] = (
+            round(base["latency_ms"] / row["latency_ms"], 4) if row["latency_ms"] and base["latency_ms"] else None
+        )
         row["slow"] = row["kind"] != "baseline" and row["speedup_per_gmacs_ratio"] < SPEEDUP_FLAG
         if row["target_ratio"] is not None:
             target = row["target_ratio"] * base["gmacs"]
@@ -143,16 +179,28 @@ def run_benchmark(
             bar.update(1)
             bar.set_postfix_str(name, refresh=False)
 
-    context = {**machine, "batch_size": settings.batch_size, "precision": settings.precision,
-               "compile": settings.compile}
+    context = {
+        **machine,
+        "batch_size": settings.batch_size,
+        "precision": settings.precision,
+        "compile": settings.compile,
+    }
     rows, failed = [], []
     for backbone in cfg.backbones:
         models: dict[str, tuple[nn.Module, int]] = {}
         measured: list[tuple[str, dict[str, Any]]] = []
         for entry in (e for e in entries if e.backbone == backbone):
-            row = {**context, "backbone": entry.backbone, "reducer": entry.reducer, "point": entry.point,
-                   "kind": entry.kind, "overrides": " ".join(entry.overrides), "target_ratio": entry.target_ratio,
-                   "paper_gmacs": entry.paper_gmacs, "paper_top1": entry.paper_top1}
+            row = {
+                **context,
+                "backbone": entry.backbone,
+                "reducer": entry.reducer,
+                "point": entry.point,
+                "kind": entry.kind,
+                "overrides": " ".join(entry.overrides),
+                "target_ratio": entry.target_ratio,
+                "paper_gmacs": entry.paper_gmacs,
+                "paper_top1": entry.paper_top1,
+            }
             try:
                 model, stats = build(entry)
             except Exception as err:  # recorded, printed and turned into a non-zero exit by the CLI
@@ -168,9 +216,12 @@ def run_benchmark(
         speeds = measure_speed(models, settings, device, tick)
         for key, row in measured:
             speed = speeds[key]
-            row.update(throughput=round(speed.throughput, 3), throughput_iqr_pct=round(speed.throughput_iqr_pct, 2),
-                       latency_ms=None if speed.latency_ms is None else round(speed.latency_ms, 3),
-                       peak_mem_mb=None if speed.peak_mem_mb is None else round(speed.peak_mem_mb, 1))
+            row.update(
+                throughput=round(speed.throughput, 3),
+                throughput_iqr_pct=round(speed.throughput_iqr_pct, 2),
+                latency_ms=None if speed.latency_ms is None else round(speed.latency_ms, 3),
+                peak_mem_mb=None if speed.peak_mem_mb is None else round(speed.peak_mem_mb, 1),
+            )
         _relative([row for _, row in measured])
         rows.extend(row for _, row in measured)
     if bar is not None:
@@ -184,11 +235,45 @@ def top1_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 COLUMNS = [
-    "backbone", "model", "img_size", "reducer", "point", "kind", "overrides", "target_ratio", "target_gmacs",
-    "budget_error_pct", "params_m", "gmacs", "gmacs_counted", "gmacs_ratio", "throughput", "throughput_iqr_pct",
-    "speedup", "speedup_per_gmacs_ratio", "slow", "latency_ms", "latency_speedup", "peak_mem_mb", "paper_gmacs",
-    "paper_top1", "tokens_per_block", "knobs", "batch_size", "precision", "compile", "machine", "device",
-    "device_name", "threads", "torch", "timm", "cuda", "python", "measured", "error",
+    "backbone",
+    "model",
+    "img_size",
+    "reducer",
+    "point",
+    "kind",
+    "overrides",
+    "target_ratio",
+    "target_gmacs",
+    "budget_error_pct",
+    "params_m",
+    "gmacs",
+    "gmacs_counted",
+    "gmacs_ratio",
+    "throughput",
+    "throughput_iqr_pct",
+    "speedup",
+    "speedup_per_gmacs_ratio",
+    "slow",
+    "latency_ms",
+    "latency_speedup",
+    "peak_mem_mb",
+    "paper_gmacs",
+    "paper_top1",
+    "tokens_per_block",
+    "knobs",
+    "batch_size",
+    "precision",
+    "compile",
+    "machine",
+    "device",
+    "device_name",
+    "threads",
+    "torch",
+    "timm",
+    "cuda",
+    "python",
+    "measured",
+    "error",
 ]
 
 
@@ -223,11 +308,19 @@ MD_COLUMNS: list[Column] = [
 ]
 
 
-def markdown(machine: dict[str, Any], settings: SpeedSettings, rows: list[dict[str, Any]],
-             failed: list[dict[str, Any]], command: str) -> str:
+def markdown(
+    machine: dict[str, Any],
+    settings: SpeedSettings,
+    rows: list[dict[str, Any]],
+    failed: list[dict[str, Any]],
+    command: str,
+) -> str:
     s = settings
-    mem = ("CUDA max_memory_allocated above the pre-pass level" if machine["device"] == "cuda" else
-           "rise of the process's peak resident set during one pass (Linux VmHWM)")
+    mem = (
+        "CUDA max_memory_allocated above the pre-pass level"
+        if machine["device"] == "cuda"
+        else "rise of the process's peak resident set during one pass (Linux VmHWM)"
+    )
     lines = [
         f"# tokred benchmark: {machine['device_name']} ({machine['threads']} threads)",
         "",
@@ -250,8 +343,11 @@ def markdown(machine: dict[str, Any], settings: SpeedSettings, rows: list[dict[s
     slow = [r for r in rows if r["slow"]]
     if slow:
         lines += ["", f"### Speed-up below {SPEEDUP_FLAG} × GMACs ratio", ""]
-        lines += [f"- {r['backbone']} {r['reducer']} {r['point']}: {r['speedup']:.2f}× measured vs "
-                  f"{r['gmacs_ratio']:.2f}× fewer GMACs ({r['speedup_per_gmacs_ratio']:.2f})" for r in slow]
+        lines += [
+            f"- {r['backbone']} {r['reducer']} {r['point']}: {r['speedup']:.2f}× measured vs "
+            f"{r['gmacs_ratio']:.2f}× fewer GMACs ({r['speedup_per_gmacs_ratio']:.2f})"
+            for r in slow
+        ]
     if failed:
         lines += ["", "## Not measured", ""]
         lines += [f"- {r['backbone']} {r['reducer']} {r['point']} (`{r['overrides']}`): {r['error']}" for r in failed]
@@ -260,12 +356,15 @@ def markdown(machine: dict[str, Any], settings: SpeedSettings, rows: list[dict[s
 
 def row_key(row: dict[str, Any]) -> tuple:
     """What a row measures: a re-measured row replaces the earlier row with this key, and only that one."""
-    return tuple(row.get(k) for k in ("machine", "backbone", "reducer", "point", "target_ratio", "batch_size",
-                                       "precision", "compile"))
+    return tuple(
+        row.get(k)
+        for k in ("machine", "backbone", "reducer", "point", "target_ratio", "batch_size", "precision", "compile")
+    )
 
 
-def write_results(cfg: DictConfig, machine: dict[str, Any], rows: list[dict[str, Any]],
-                  failed: list[dict[str, Any]], command: str) -> list[Path]:
+def write_results(
+    cfg: DictConfig, machine: dict[str, Any], rows: list[dict[str, Any]], failed: list[dict[str, Any]], command: str
+) -> list[Path]:
     """benchmark.{csv,json,md} and the plots under ``<out_dir>/<machine>/``; returns the paths written."""
     settings = SpeedSettings.from_mapping(cfg)
     out = Path(cfg.out_dir) / (cfg.machine or machine["machine"])
@@ -273,30 +372,65 @@ def write_results(cfg: DictConfig, machine: dict[str, Any], rows: list[dict[str,
     merged = merge_rows(paths[1], [*rows, *failed], row_key)
     rows, failed = [r for r in merged if not r.get("error")], [r for r in merged if r.get("error")]
     write_csv(paths[0], [*rows, *failed], COLUMNS)
-    write_json(paths[1], {"machine": machine, "settings": settings.as_dict(), "budgets": list(cfg.budgets),
-                          "command": command, "rows": rows, "failed": failed})
+    write_json(
+        paths[1],
+        {
+            "machine": machine,
+            "settings": settings.as_dict(),
+            "budgets": list(cfg.budgets),
+            "command": command,
+            "rows": rows,
+            "failed": failed,
+        },
+    )
     write_text(paths[2], markdown(machine, settings, rows, failed, command))
     paper = top1_rows(rows)
     plots = {
         "gmacs_vs_throughput": scatter_plot(
-            out / "benchmark_gmacs_vs_throughput.png", rows, "gmacs", "throughput", xlabel="GMACs (analytic)",
-            ylabel="throughput (img/s)", title=f"throughput vs GMACs, batch {settings.batch_size} "
-            f"{settings.precision}, {machine['device_name']}", ideal=True),
+            out / "benchmark_gmacs_vs_throughput.png",
+            rows,
+            "gmacs",
+            "throughput",
+            xlabel="GMACs (analytic)",
+            ylabel="throughput (img/s)",
+            title=f"throughput vs GMACs, batch {settings.batch_size} {settings.precision}, {machine['device_name']}",
+            ideal=True,
+        ),
         "top1_vs_gmacs": scatter_plot(
-            out / "benchmark_top1_vs_gmacs.png", paper, "gmacs", "top1", xlabel="GMACs (analytic, ours)",
-            ylabel="paper-reported ImageNet top-1 (%)", title="paper top-1 vs GMACs", pareto="lower_x"),
+            out / "benchmark_top1_vs_gmacs.png",
+            paper,
+            "gmacs",
+            "top1",
+            xlabel="GMACs (analytic, ours)",
+            ylabel="paper-reported ImageNet top-1 (%)",
+            title="paper top-1 vs GMACs",
+            pareto="lower_x",
+        ),
         "top1_vs_throughput": scatter_plot(
-            out / "benchmark_top1_vs_throughput.png", paper, "throughput", "top1",
-            xlabel="throughput (img/s, measured here)", ylabel="paper-reported ImageNet top-1 (%)",
-            title="paper top-1 vs throughput", pareto="higher_x"),
+            out / "benchmark_top1_vs_throughput.png",
+            paper,
+            "throughput",
+            "top1",
+            xlabel="throughput (img/s, measured here)",
+            ylabel="paper-reported ImageNet top-1 (%)",
+            title="paper top-1 vs throughput",
+            pareto="higher_x",
+        ),
     }
     paths += [out / f"benchmark_{name}.png" for name, written in plots.items() if written]
     if cfg.wandb.enabled:
         log_rows(
-            [*rows, *failed], COLUMNS,
-            [("gmacs", "throughput", "throughput vs GMACs"), ("gmacs", "paper_top1", "paper top-1 vs GMACs"),
-             ("throughput", "paper_top1", "paper top-1 vs throughput")],
-            project=cfg.wandb.project, name=cfg.wandb.name or f"benchmark-{machine['machine']}", job_type="benchmark",
-            config={**machine, **settings.as_dict()}, images={p.stem: p for p in paths if p.suffix == ".png"},
+            [*rows, *failed],
+            COLUMNS,
+            [
+                ("gmacs", "throughput", "throughput vs GMACs"),
+                ("gmacs", "paper_top1", "paper top-1 vs GMACs"),
+                ("throughput", "paper_top1", "paper top-1 vs throughput"),
+            ],
+            project=cfg.wandb.project,
+            name=cfg.wandb.name or f"benchmark-{machine['machine']}",
+            job_type="benchmark",
+            config={**machine, **settings.as_dict()},
+            images={p.stem: p for p in paths if p.suffix == ".png"},
         )
     return paths

@@ -6,8 +6,9 @@ import csv
 import io
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -17,8 +18,12 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 from tokred.io import atomic_write, atomic_write_json  # noqa: E402
 
 MARKERS = {"baseline": "*", "operating_point": "o", "matched_budget": "s", "trained": "o"}
-KIND_LABELS = {"baseline": "baseline", "operating_point": "paper operating point", "matched_budget": "matched budget",
-               "trained": "trained run"}
+KIND_LABELS = {
+    "baseline": "baseline",
+    "operating_point": "paper operating point",
+    "matched_budget": "matched budget",
+    "trained": "trained run",
+}
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -37,8 +42,9 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
-def merge_rows(path: Path, rows: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], tuple]
-               ) -> list[dict[str, Any]]:
+def merge_rows(
+    path: Path, rows: Sequence[dict[str, Any]], key: Callable[[dict[str, Any]], tuple]
+) -> list[dict[str, Any]]:
     """``rows`` (stamped ``measured`` now) plus the rows of the earlier results file ``path`` whose key they do not
     re-measure: a run restricted to one reducer or one set of runs replaces its own rows only, never the rest."""
     now = time.strftime("%Y-%m-%d %H:%M")
@@ -119,31 +125,60 @@ def scatter_plot(
         y_span = (max(r[y] for r in sub) - min(r[y] for r in sub)) or 1.0
         for r in sub:
             key = (r["reducer"], r["kind"])
-            ax.scatter(r[x], r[y], color=colors[r["reducer"]], marker=MARKERS.get(r["kind"], "o"),
-                       s=90 if r["kind"] == "baseline" else 40, zorder=3,
-                       label=None if key in seen else f"{r['reducer']} ({KIND_LABELS.get(r['kind'], r['kind'])})")
+            ax.scatter(
+                r[x],
+                r[y],
+                color=colors[r["reducer"]],
+                marker=MARKERS.get(r["kind"], "o"),
+                s=90 if r["kind"] == "baseline" else 40,
+                zorder=3,
+                label=None if key in seen else f"{r['reducer']} ({KIND_LABELS.get(r['kind'], r['kind'])})",
+            )
             seen.add(key)
             # Rows at equal budgets bunch up and their labels would print over each other: one label per spot
             # (colour and marker still tell the rows apart).
             spot = (r[x] / x_span, r[y] / y_span)
             if all(abs(spot[0] - u) > 0.06 or abs(spot[1] - v) > 0.05 for u, v in labelled):
                 labelled.append(spot)
-                ax.annotate(str(r.get(label_key, "")), (r[x], r[y]), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")
+                ax.annotate(
+                    str(r.get(label_key, "")), (r[x], r[y]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                )
         if ideal:
             base = next((r for r in sub if r["reducer"] == "none"), None)
             if base is not None:
                 lo, hi = min(r[x] for r in sub), max(r[x] for r in sub)
                 grid = [lo + (hi - lo) * i / 50 for i in range(51)]
-                ax.plot(grid, [base[y] * base[x] / g for g in grid], ":", color="grey", zorder=1,
-                        label="ideal: ∝ 1/GMACs from none")
+                ax.plot(
+                    grid,
+                    [base[y] * base[x] / g for g in grid],
+                    ":",
+                    color="grey",
+                    zorder=1,
+                    label="ideal: ∝ 1/GMACs from none",
+                )
         if pareto and len(sub) > 1:
-            front = sorted((sub[i] for i in pareto_front([r[x] for r in sub], [r[y] for r in sub],
-                                                         pareto == "higher_x")), key=lambda r: r[x])
-            ax.step([r[x] for r in front], [r[y] for r in front], where="pre" if pareto == "higher_x" else "post",
-                    color="grey", lw=1, zorder=2, label="Pareto front")
-            ax.scatter([r[x] for r in front], [r[y] for r in front], s=140, facecolors="none",
-                       edgecolors="black", lw=1, zorder=4)
+            front = sorted(
+                (sub[i] for i in pareto_front([r[x] for r in sub], [r[y] for r in sub], pareto == "higher_x")),
+                key=lambda r: r[x],
+            )
+            ax.step(
+                [r[x] for r in front],
+                [r[y] for r in front],
+                where="pre" if pareto == "higher_x" else "post",
+                color="grey",
+                lw=1,
+                zorder=2,
+                label="Pareto front",
+            )
+            ax.scatter(
+                [r[x] for r in front],
+                [r[y] for r in front],
+                s=140,
+                facecolors="none",
+                edgecolors="black",
+                lw=1,
+                zorder=4,
+            )
         ax.set(title=f"{title}\n{backbone}", xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="best")

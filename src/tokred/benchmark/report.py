@@ -9,18 +9,33 @@ Top-1 here is what ``tokred-train`` measured on the run's validation set (not a 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 from tqdm import tqdm
 
 from tokred.benchmark.outputs import (
-    Column, fmt, md_table, merge_rows, pareto_front, scatter_plot, write_csv, write_json, write_text,
+    Column,
+    fmt,
+    md_table,
+    merge_rows,
+    pareto_front,
+    scatter_plot,
+    write_csv,
+    write_json,
+    write_text,
 )
 from tokred.benchmark.timing import (
-    SpeedSettings, machine_info, measure_speed, prepare, resolve_device, setup, steps_per_model,
+    SpeedSettings,
+    machine_info,
+    measure_speed,
+    prepare,
+    resolve_device,
+    setup,
+    steps_per_model,
 )
 from tokred.benchmark.wandb_log import log_rows
 from tokred.export import load_deployable
@@ -29,10 +44,38 @@ from tokred.reducers import reducer_class
 REQUIRED = ("backbone", "reducer", "model/gmacs", "val/acc1")
 
 COLUMNS = [
-    "backbone", "dataset", "reducer", "point", "kind", "target_ratio", "params_m", "gmacs", "gmacs_counted",
-    "gmacs_ratio", "top1", "top5", "split", "pareto_gmacs", "throughput", "throughput_iqr_pct", "speedup", "latency_ms",
-    "peak_mem_mb", "pareto_throughput", "knobs", "degenerate", "run_dir", "measured", "machine", "device_name", "threads", "torch", "timm",
-    "batch_size", "precision", "compile",
+    "backbone",
+    "dataset",
+    "reducer",
+    "point",
+    "kind",
+    "target_ratio",
+    "params_m",
+    "gmacs",
+    "gmacs_counted",
+    "gmacs_ratio",
+    "top1",
+    "top5",
+    "split",
+    "pareto_gmacs",
+    "throughput",
+    "throughput_iqr_pct",
+    "speedup",
+    "latency_ms",
+    "peak_mem_mb",
+    "pareto_throughput",
+    "knobs",
+    "degenerate",
+    "run_dir",
+    "measured",
+    "machine",
+    "device_name",
+    "threads",
+    "torch",
+    "timm",
+    "batch_size",
+    "precision",
+    "compile",
 ]
 
 
@@ -53,8 +96,11 @@ def _label(reducer: str, knobs: dict[str, Any]) -> str:
     except ValueError:  # a run of a reducer this checkout does not have: no defaults to compare with
         defaults = {}
     # Checkpoint paths (a teacher, an init checkpoint) say where weights came from, not what was built.
-    changed = [f"{k}={v}" for k, v in knobs.items()
-               if k in defaults and v != defaults[k] and not (isinstance(v, str) and "/" in v)]
+    changed = [
+        f"{k}={v}"
+        for k, v in knobs.items()
+        if k in defaults and v != defaults[k] and not (isinstance(v, str) and "/" in v)
+    ]
     return " ".join(changed) or "default"
 
 
@@ -62,11 +108,15 @@ def _load(path: Path, runs_dir: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ReportError(f"{path} is not a readable JSON file ({err}); delete it or re-run that training run") from None
+        raise ReportError(
+            f"{path} is not a readable JSON file ({err}); delete it or re-run that training run"
+        ) from None
     missing = [k for k in REQUIRED if k not in data] if isinstance(data, dict) else list(REQUIRED)
     if missing:
-        raise ReportError(f"{path} lacks {', '.join(missing)}, so it is no finished tokred-train summary; re-run that "
-                          f"run (tokred-train resumes it) or move it out of {runs_dir}")
+        raise ReportError(
+            f"{path} lacks {', '.join(missing)}, so it is no finished tokred-train summary; re-run that "
+            f"run (tokred-train resumes it) or move it out of {runs_dir}"
+        )
     knobs = data.get("reducer_knobs") or {}
     # The held-out test split where the run has one (the best checkpoint was chosen on validation), else validation.
     split = "test" if data.get("test/acc1") is not None else "val"
@@ -102,22 +152,31 @@ def load_runs(runs_dir: Path, include_degenerate: bool = False) -> list[dict[str
     """One row per ``summary.json`` under ``runs_dir`` (recursively), sorted by backbone, reducer and GMACs."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
-        raise ReportError(f"runs directory {runs_dir} does not exist; pass the directory `make compare` or "
-                          "`tokred-train -m` wrote (e.g. multirun/compare)")
+        raise ReportError(
+            f"runs directory {runs_dir} does not exist; pass the directory `make compare` or "
+            "`tokred-train -m` wrote (e.g. multirun/compare)"
+        )
     # <run>.old-<time>: a finished run that `sweep.rerun=changed` set aside before training the job again
-    paths = sorted(p for p in runs_dir.rglob("summary.json")
-                   if not any(".old-" in part for part in p.relative_to(runs_dir).parts))
+    paths = sorted(
+        p for p in runs_dir.rglob("summary.json") if not any(".old-" in part for part in p.relative_to(runs_dir).parts)
+    )
     if not paths:
-        raise ReportError(f"no summary.json under {runs_dir}; every finished tokred-train run writes "
-                          "<run_dir>/summary.json: run `make compare` or tokred-train first, or pass their directory")
+        raise ReportError(
+            f"no summary.json under {runs_dir}; every finished tokred-train run writes "
+            "<run_dir>/summary.json: run `make compare` or tokred-train first, or pass their directory"
+        )
     rows = [_load(p, runs_dir) for p in paths]
     rows.sort(key=lambda r: (r["backbone"], r["reducer"] != "none", r["reducer"], -r["gmacs"]))
     mark_fronts(rows, include_degenerate)
     return rows
 
 
-def measure_runs(rows: list[dict[str, Any]], settings: SpeedSettings,
-                 progress: Callable[[int], Any] | None = None, include_degenerate: bool = False) -> dict[str, Any]:
+def measure_runs(
+    rows: list[dict[str, Any]],
+    settings: SpeedSettings,
+    progress: Callable[[int], Any] | None = None,
+    include_degenerate: bool = False,
+) -> dict[str, Any]:
     """Time every run's exported model, interleaved per backbone; fills the speed columns and returns the machine."""
     device = setup(settings)
     machine = machine_info(device)
@@ -137,12 +196,17 @@ def measure_runs(rows: list[dict[str, Any]], settings: SpeedSettings,
         base = next((speeds[r["run_dir"]] for r in sub if r["reducer"] == "none"), None)
         for row in sub:
             speed = speeds[row["run_dir"]]
-            row.update(throughput=round(speed.throughput, 3), throughput_iqr_pct=round(speed.throughput_iqr_pct, 2),
-                       latency_ms=None if speed.latency_ms is None else round(speed.latency_ms, 3),
-                       peak_mem_mb=None if speed.peak_mem_mb is None else round(speed.peak_mem_mb, 1),
-                       speedup=round(speed.throughput / base.throughput, 4) if base else None,
-                       **{k: machine[k] for k in ("machine", "device_name", "threads", "torch", "timm")},
-                       batch_size=settings.batch_size, precision=settings.precision, compile=settings.compile)
+            row.update(
+                throughput=round(speed.throughput, 3),
+                throughput_iqr_pct=round(speed.throughput_iqr_pct, 2),
+                latency_ms=None if speed.latency_ms is None else round(speed.latency_ms, 3),
+                peak_mem_mb=None if speed.peak_mem_mb is None else round(speed.peak_mem_mb, 1),
+                speedup=round(speed.throughput / base.throughput, 4) if base else None,
+                **{k: machine[k] for k in ("machine", "device_name", "threads", "torch", "timm")},
+                batch_size=settings.batch_size,
+                precision=settings.precision,
+                compile=settings.compile,
+            )
     mark_fronts(rows, include_degenerate)
     if bar is not None:
         bar.close()
@@ -158,8 +222,14 @@ MD_COLUMNS: list[Column] = [
     ("top-1 (%)", lambda r: f"{r['top1']:.2f}" + (" ◆" if r["pareto_gmacs"] else "")),
     ("top-5 (%)", lambda r: fmt(r["top5"], ".2f")),
     ("split", lambda r: r.get("split", "val")),
-    ("img/s", lambda r: "–" if r.get("throughput") is None else
-     f"{r['throughput']:.1f} ±{r['throughput_iqr_pct']:.0f}%" + (" ◆" if r["pareto_throughput"] else "")),
+    (
+        "img/s",
+        lambda r: (
+            "–"
+            if r.get("throughput") is None
+            else f"{r['throughput']:.1f} ±{r['throughput_iqr_pct']:.0f}%" + (" ◆" if r["pareto_throughput"] else "")
+        ),
+    ),
     ("speed-up", lambda r: "–" if r.get("speedup") is None else f"{r['speedup']:.2f}×"),
     ("latency bs1 (ms)", lambda r: fmt(r.get("latency_ms"), ".1f")),
     ("measured", lambda r: r.get("measured") or "–"),
@@ -194,8 +264,16 @@ def mark_fronts(rows: list[dict[str, Any]], include_degenerate: bool = False) ->
             row["pareto_throughput"] = id(row) in fast
 
 
-def write_report(rows: list[dict[str, Any]], runs_dir: Path, out: Path, name: str, machine: dict[str, Any] | None,
-                 settings: SpeedSettings | None, command: str, include_degenerate: bool = False) -> ReportPaths:
+def write_report(
+    rows: list[dict[str, Any]],
+    runs_dir: Path,
+    out: Path,
+    name: str,
+    machine: dict[str, Any] | None,
+    settings: SpeedSettings | None,
+    command: str,
+    include_degenerate: bool = False,
+) -> ReportPaths:
     """``<name>.{csv,json,md}`` and ``<name>_top1_vs_{gmacs,throughput}.png`` under ``out``; runs already in an
     earlier ``<name>.json`` there that this report does not cover are kept (by run directory)."""
     rows = merge_rows(out / f"{name}.json", rows, key=lambda r: (r.get("run_dir"),))
@@ -204,8 +282,9 @@ def write_report(rows: list[dict[str, Any]], runs_dir: Path, out: Path, name: st
     speed_line = (
         f"Throughput: exported models, batch {settings.batch_size}, {settings.precision}, median of "
         f"{settings.repeats} interleaved rounds on {machine['device_name']} ({machine['threads']} threads), "
-        f"torch {machine['torch']}; speed-up vs the `none` run of the same backbone." if timed else
-        "Throughput not measured (speed=false)."
+        f"torch {machine['torch']}; speed-up vs the `none` run of the same backbone."
+        if timed
+        else "Throughput not measured (speed=false)."
     )
     datasets = sorted({str(r["dataset"]) for r in rows})
     lines = [
@@ -213,41 +292,78 @@ def write_report(rows: list[dict[str, Any]], runs_dir: Path, out: Path, name: st
         "",
         f"{len(rows)} runs under `{runs_dir}`. Top-1/top-5: measured by tokred-train on "
         f"{', '.join(datasets)} (not paper figures), on the held-out test split where the run has one, else on the "
-        f"validation split that also chose its checkpoint (column split). GMACs: analytic, per image. ◆: on the Pareto front (top-1 vs "
-        f"GMACs, resp. vs throughput) of its backbone; ⚠ degenerate runs (no patch token left in some block, or chance-level "
-        f"top-1) are left off the front unless include_degenerate=true. {speed_line} Regenerate: `{command}`.",
+        "validation split that also chose its checkpoint (column split). GMACs: analytic, per image. ◆: on the "
+        "Pareto front (top-1 vs GMACs, resp. vs throughput) of its backbone; ⚠ degenerate runs (no patch token left "
+        "in some block, or chance-level top-1) are left off the front unless include_degenerate=true. "
+        f"{speed_line} Regenerate: `{command}`.",
     ]
     for backbone in dict.fromkeys(r["backbone"] for r in rows):
         lines += ["", f"## {backbone}", "", md_table([r for r in rows if r["backbone"] == backbone], MD_COLUMNS)]
     paths = ReportPaths(out / f"{name}.csv", out / f"{name}.json", out / f"{name}.md", [])
     write_csv(paths.csv, rows, COLUMNS)
-    write_json(paths.json, {"runs_dir": str(runs_dir), "machine": machine, "command": command,
-                            "settings": settings.as_dict() if settings else None, "rows": rows})
+    write_json(
+        paths.json,
+        {
+            "runs_dir": str(runs_dir),
+            "machine": machine,
+            "command": command,
+            "settings": settings.as_dict() if settings else None,
+            "rows": rows,
+        },
+    )
     write_text(paths.md, "\n".join(lines) + "\n")
     splits = " / ".join(sorted({r.get("split", "val") for r in rows}))
     label = f"{splits} top-1 on {', '.join(datasets)} (%)"
-    for x, axis, unit, pareto in (("gmacs", "GMACs", " (analytic)", "lower_x"),
-                                  ("throughput", "throughput", " (img/s)", "higher_x")):
+    for x, axis, unit, pareto in (
+        ("gmacs", "GMACs", " (analytic)", "lower_x"),
+        ("throughput", "throughput", " (img/s)", "higher_x"),
+    ):
         path = out / f"{name}_top1_vs_{x}.png"
-        if scatter_plot(path, rows, x, "top1", xlabel=axis + unit, ylabel=label,
-                        title=f"trained runs: top-1 vs {axis}", pareto=pareto):
+        if scatter_plot(
+            path,
+            rows,
+            x,
+            "top1",
+            xlabel=axis + unit,
+            ylabel=label,
+            title=f"trained runs: top-1 vs {axis}",
+            pareto=pareto,
+        ):
             paths.plots.append(path)
     return paths
 
 
-def log_report(rows: Sequence[dict[str, Any]], paths: ReportPaths, project: str, run_name: str,
-               machine: dict[str, Any] | None) -> str:
+def log_report(
+    rows: Sequence[dict[str, Any]], paths: ReportPaths, project: str, run_name: str, machine: dict[str, Any] | None
+) -> str:
     """The report's rows as a wandb.Table with top-1 vs GMACs / throughput scatters and the PNGs."""
     scatters = [("gmacs", "top1", "top-1 vs GMACs")]
     if any(r.get("throughput") is not None for r in rows):
         scatters.append(("throughput", "top1", "top-1 vs throughput"))
-    return log_rows(rows, COLUMNS, scatters, project=project, name=run_name, job_type="report",
-                    config=machine or {}, images={p.stem: p for p in paths.plots})
+    return log_rows(
+        rows,
+        COLUMNS,
+        scatters,
+        project=project,
+        name=run_name,
+        job_type="report",
+        config=machine or {},
+        images={p.stem: p for p in paths.plots},
+    )
 
 
-def make_report(runs_dir: Path, out_dir: Path, *, settings: SpeedSettings | None, machine_name: str | None = None,
-                name: str = "compare", wandb_project: str | None = None, command: str = "tokred-report",
-                progress: Callable[[int], Any] | None = None, include_degenerate: bool = False) -> ReportPaths:
+def make_report(
+    runs_dir: Path,
+    out_dir: Path,
+    *,
+    settings: SpeedSettings | None,
+    machine_name: str | None = None,
+    name: str = "compare",
+    wandb_project: str | None = None,
+    command: str = "tokred-report",
+    progress: Callable[[int], Any] | None = None,
+    include_degenerate: bool = False,
+) -> ReportPaths:
     """The whole report: load the runs, time them (``settings=None``: don't), write the files, log to wandb if
     ``wandb_project`` is given. Files go to ``<out_dir>/<machine_name or the device's machine slug>/``."""
     rows = load_runs(runs_dir, include_degenerate)
@@ -260,10 +376,15 @@ def make_report(runs_dir: Path, out_dir: Path, *, settings: SpeedSettings | None
 
 
 def report_from_config(cfg: Mapping[str, Any], command: str) -> ReportPaths:
-    """:func:`make_report` as a composed ``conf/report.yaml`` asks (``tokred-report``, ``tokred-compare``'s last step)."""
+    """:func:`make_report` as a composed ``conf/report.yaml`` asks (tokred-report, tokred-compare's last step)."""
     return make_report(
-        Path(cfg["runs_dir"]), Path(cfg["out_dir"]), machine_name=cfg["machine"], name=cfg["name"],
+        Path(cfg["runs_dir"]),
+        Path(cfg["out_dir"]),
+        machine_name=cfg["machine"],
+        name=cfg["name"],
         settings=SpeedSettings.from_mapping(cfg) if cfg["speed"] else None,
-        wandb_project=cfg["wandb_project"] if cfg["wandb"] else None, command=command,
+        wandb_project=cfg["wandb_project"] if cfg["wandb"] else None,
+        command=command,
         progress=lambda total: tqdm(total=total, desc="timing runs", unit="step", dynamic_ncols=True),
-        include_degenerate=bool(cfg["include_degenerate"]))
+        include_degenerate=bool(cfg["include_degenerate"]),
+    )

@@ -26,9 +26,10 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import timm
 import torch
@@ -67,7 +68,7 @@ class SpeedSettings:
             raise ValueError(f"threads={self.threads} must be >= 1, or null for torch's default")
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "SpeedSettings":
+    def from_mapping(cls, values: Mapping[str, Any]) -> SpeedSettings:
         """The settings among ``values`` (a composed config or parsed options); other keys are ignored."""
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
@@ -137,7 +138,7 @@ def _sync(device: torch.device) -> None:
 @contextlib.contextmanager
 def _inference(device: torch.device, precision: str) -> Iterator[None]:
     dtype = PRECISIONS[precision]
-    with torch.inference_mode(), (torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
         yield
 
 
@@ -220,7 +221,7 @@ def measure_speed(
             for _ in range(settings.warmup - 1):
                 model(x)
                 tick(name)
-            memory[name] = _peak_memory_mb(lambda: model(x), device)
+            memory[name] = _peak_memory_mb(lambda: model(x), device)  # noqa: B023 - called right here
             tick(name)
         for k in range(settings.repeats):
             for name in names if k % 2 == 0 else reversed(names):

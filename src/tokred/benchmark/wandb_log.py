@@ -4,8 +4,9 @@ reducers with no manual set-up. Offline mode (``WANDB_MODE=offline``) works with
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 
 def log_rows(

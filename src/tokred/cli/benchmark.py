@@ -26,7 +26,8 @@ def main() -> None:
     try:
         cfg = compose_config(args, config_name="benchmark")
         machine, rows, failed = run_benchmark(
-            cfg, progress=lambda total: tqdm(total=total, desc="benchmark", unit="step", dynamic_ncols=True))
+            cfg, progress=lambda total: tqdm(total=total, desc="benchmark", unit="step", dynamic_ncols=True)
+        )
         paths = write_results(cfg, machine, rows, failed, command)
     except ValueError as err:
         fail("tokred-benchmark", err)
@@ -36,8 +37,10 @@ def main() -> None:
     print("wrote " + ", ".join(str(p) for p in paths))
     if failed:
         for row in failed:
-            print(f"tokred-benchmark: not measured: {row['backbone']} {row['reducer']} {row['point']}: {row['error']}",
-                  file=sys.stderr)
+            print(
+                f"tokred-benchmark: not measured: {row['backbone']} {row['reducer']} {row['point']}: {row['error']}",
+                file=sys.stderr,
+            )
         sys.exit(1)
 
 

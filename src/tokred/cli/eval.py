@@ -23,7 +23,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tokred.backbones import CheckpointError, create_backbone
 from tokred.cli.train import USER_ERRORS
 from tokred.config import (
-    ConfigError, check_overrides, conf_dir, discard_refused_run, fail, hydra_flags, null_groups, quiet_libraries,
+    ConfigError,
+    check_overrides,
+    conf_dir,
+    discard_refused_run,
+    fail,
+    hydra_flags,
+    null_groups,
+    quiet_libraries,
 )
 from tokred.data import build_datamodule
 from tokred.export import load_deployable
@@ -35,15 +42,18 @@ from tokred.training.phases import read_phase
 from tokred.training.run import build_model, evaluate, model_meta, model_stats
 
 
-def _rebuild(meta: dict[str, Any], structure: dict[str, Any], state: dict[str, torch.Tensor],
-             path: Path) -> TokenReducer:
+def _rebuild(
+    meta: dict[str, Any], structure: dict[str, Any], state: dict[str, torch.Tensor], path: Path
+) -> TokenReducer:
     model = create_reducer(meta["reducer"], create_backbone(meta["backbone"], int(meta["num_classes"])))
     model.load_structure(structure)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise CheckpointError(f"{path} does not match the model it describes ({str(err).splitlines()[0]}); "
-                              "is it damaged? Evaluate the run's export/ directory instead") from None
+        raise CheckpointError(
+            f"{path} does not match the model it describes ({str(err).splitlines()[0]}); "
+            "is it damaged? Evaluate the run's export/ directory instead"
+        ) from None
     return model.deployable()
 
 
@@ -56,21 +66,27 @@ def load_checkpoint(path: str | Path) -> tuple[TokenReducer, dict[str, Any]]:
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         return load_deployable(path), {k: config.get(k) for k in ("backbone", "reducer", "num_classes")}
     if not path.is_file():
-        raise CheckpointError(f"ckpt_path={path} does not exist; pass a run directory, its export/, a phases/*.pt "
-                              "or a checkpoints/*/*.ckpt file")
+        raise CheckpointError(
+            f"ckpt_path={path} does not exist; pass a run directory, its export/, a phases/*.pt "
+            "or a checkpoints/*/*.ckpt file"
+        )
     try:
         payload = read_phase(path) if path.suffix == ".pt" else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"cannot read {path} ({type(err).__name__}); it is truncated or not a tokred "
-                              "checkpoint: evaluate the run's export/ directory instead") from None
+        raise CheckpointError(
+            f"cannot read {path} ({type(err).__name__}); it is truncated or not a tokred "
+            "checkpoint: evaluate the run's export/ directory instead"
+        ) from None
     meta = payload.get("tokred") if isinstance(payload, dict) else None
     if not meta:
-        raise CheckpointError(f"{path} records no tokred model config (not written by tokred-train); evaluate an "
-                              "export/ directory, or load the weights with backbone.checkpoint in tokred-train")
+        raise CheckpointError(
+            f"{path} records no tokred model config (not written by tokred-train); evaluate an "
+            "export/ directory, or load the weights with backbone.checkpoint in tokred-train"
+        )
     if path.suffix == ".pt":
         return _rebuild(meta, payload["structure"], payload["state_dict"], path), meta
     # Lightning checkpoints hold the TokredModule's tensors: the model's under "model.", plus any teacher's.
-    state = {k[len("model."):]: v for k, v in payload["state_dict"].items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in payload["state_dict"].items() if k.startswith("model.")}
     return _rebuild(meta, payload.get("tokred_structure", {}), state, path), meta
 
 
@@ -83,19 +99,25 @@ def apply_training_free(cfg: DictConfig, num_classes: int) -> tuple[TokenReducer
     """``cfg.reducer`` applied to ``cfg.backbone``'s pretrained or given weights, deployable, and its metadata."""
     name, backbone = cfg.reducer.name, cfg.backbone.name
     if not is_training_free(name):
-        raise ConfigError(f"reducer={name} needs training before it can be evaluated; run tokred-train "
-                          f"backbone={backbone} reducer={name} backbone.checkpoint=<weights>, then tokred-eval "
-                          "ckpt_path=<its run directory> (training-free: none, tome, topk, evit, ats)")
+        raise ConfigError(
+            f"reducer={name} needs training before it can be evaluated; run tokred-train "
+            f"backbone={backbone} reducer={name} backbone.checkpoint=<weights>, then tokred-eval "
+            "ckpt_path=<its run directory> (training-free: none, tome, topk, evit, ats)"
+        )
     if not cfg.backbone.pretrained and not cfg.backbone.checkpoint:
-        raise ConfigError(f"backbone={backbone} has no weights to evaluate; pass backbone.pretrained=true (timm's) "
-                          "or backbone.checkpoint=<file>")
+        raise ConfigError(
+            f"backbone={backbone} has no weights to evaluate; pass backbone.pretrained=true (timm's) "
+            "or backbone.checkpoint=<file>"
+        )
     if cfg.backbone.get("reset_head"):
         raise ConfigError("backbone.reset_head=true would evaluate a random classifier head; drop it")
     model = build_model(cfg, num_classes)
     trained_for = model.vit.pretrained_cfg.get("num_classes") if cfg.backbone.pretrained else num_classes
     if trained_for != num_classes:  # timm swaps in a random head of the requested size
-        raise ConfigError(f"backbone={backbone}'s pretrained head has {trained_for} classes but dataset "
-                          f"{cfg.dataset.name} has {num_classes}; evaluate on the dataset it was trained on")
+        raise ConfigError(
+            f"backbone={backbone}'s pretrained head has {trained_for} classes but dataset "
+            f"{cfg.dataset.name} has {num_classes}; evaluate on the dataset it was trained on"
+        )
     return model.deployable(), model_meta(cfg, num_classes)
 
 
@@ -128,11 +150,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         fail("tokred-eval", err)
     stats = model_stats(model, int(cfg.backbone.img_size))
     summary = {
-        "ckpt_path": str(cfg.ckpt_path) if cfg.ckpt_path else None, "backbone": meta["backbone"]["name"], "reducer": meta["reducer"]["name"],
+        "ckpt_path": str(cfg.ckpt_path) if cfg.ckpt_path else None,
+        "backbone": meta["backbone"]["name"],
+        "reducer": meta["reducer"]["name"],
         "reducer_knobs": meta["reducer"],
-        "dataset": cfg.dataset.name, "val/acc1": metrics.get("val/acc1"), "val/acc5": metrics.get("val/acc5"),
-        "test/acc1": metrics.get("test/acc1"), "test/acc5": metrics.get("test/acc5"),
-        "model/gmacs": round(stats["model/gmacs"], 4), "model/gmacs_counted": round(stats["model/gmacs_counted"], 4),
+        "dataset": cfg.dataset.name,
+        "val/acc1": metrics.get("val/acc1"),
+        "val/acc5": metrics.get("val/acc5"),
+        "test/acc1": metrics.get("test/acc1"),
+        "test/acc5": metrics.get("test/acc5"),
+        "model/gmacs": round(stats["model/gmacs"], 4),
+        "model/gmacs_counted": round(stats["model/gmacs_counted"], 4),
         "model/params_m": round(stats["model/params_m"], 4),
     }
     if logger is not None:
@@ -156,12 +184,16 @@ def main() -> None:
         if hydra_flags(args):
             pass
         elif from_checkpoint and model_keys:
-            raise ConfigError(f"{model_keys[0]}: with ckpt_path the model comes from the checkpoint; drop "
-                              f"{model_keys[0]}, or drop ckpt_path to apply a training-free reducer to a backbone")
+            raise ConfigError(
+                f"{model_keys[0]}: with ckpt_path the model comes from the checkpoint; drop "
+                f"{model_keys[0]}, or drop ckpt_path to apply a training-free reducer to a backbone"
+            )
         elif not from_checkpoint and not any(k == "backbone" for k in model_keys):
-            raise CheckpointError("tokred-eval needs a model: ckpt_path=<run dir | export/ | phases/<phase>.pt | "
-                                  "checkpoints/<phase>/best.ckpt>, or backbone=<name> backbone.pretrained=true "
-                                  "reducer=<training-free reducer>")
+            raise CheckpointError(
+                "tokred-eval needs a model: ckpt_path=<run dir | export/ | phases/<phase>.pt | "
+                "checkpoints/<phase>/best.ckpt>, or backbone=<name> backbone.pretrained=true "
+                "reducer=<training-free reducer>"
+            )
     except USER_ERRORS as err:
         fail("tokred-eval", err)
     _hydra_main()

@@ -27,8 +27,10 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"{bare!r} is not a key=value override; write runs_dir={bare}")
         cfg = compose_config(args, config_name="report")
         if OmegaConf.is_missing(cfg, "runs_dir"):
-            raise ConfigError("runs_dir is not set; pass runs_dir=<directory of training runs>, "
-                              "e.g. tokred-report runs_dir=multirun/compare")
+            raise ConfigError(
+                "runs_dir is not set; pass runs_dir=<directory of training runs>, "
+                "e.g. tokred-report runs_dir=multirun/compare"
+            )
         paths = report_from_config(cfg, command=shlex.join(["tokred-report", *args]))
     except ValueError as err:  # ConfigError, ReportError, bad timing options, an unloadable export (CheckpointError)
         fail("tokred-report", err)

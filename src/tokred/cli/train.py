@@ -10,8 +10,9 @@ import errno
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import hydra
 import torch
@@ -22,8 +23,17 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from tokred.backbones import CheckpointError
 from tokred.config import (
-    ConfigError, check_overrides, check_writable, conf_dir, discard_refused_run, fail, hydra_flags, quiet_libraries,
-    null_groups, runs_root, validate,
+    ConfigError,
+    check_overrides,
+    check_writable,
+    conf_dir,
+    discard_refused_run,
+    fail,
+    hydra_flags,
+    null_groups,
+    quiet_libraries,
+    runs_root,
+    validate,
 )
 from tokred.data import DatasetError
 from tokred.training.loggers import own_wandb_service
@@ -42,17 +52,22 @@ def _percent(value: float | None) -> str:
 
 def report(summary: dict[str, Any]) -> str:
     """What a finished run prints: accuracy, cost, and where everything is."""
-    return "\n".join([
-        f"val top-1 {_percent(summary['val/acc1'])} (best epoch {_percent(summary['val/acc1_best'])}), "
-        f"top-5 {_percent(summary['val/acc5'])}"
-        + (f"; held-out test top-1 {_percent(summary['test/acc1'])}, top-5 {_percent(summary['test/acc5'])}"
-           if summary.get("test/acc1") is not None else "")
-        + f"; {summary['model/gmacs']:.3f} GMACs, {summary['model/params_m']:.2f} M params",
-        f"run directory: {summary['run_dir']} (summary.json, export/)",
-        f"checkpoints:   {summary['checkpoints']} (continue with: tokred-train <same overrides> "
-        f"ckpt_path={summary['run_dir']})",
-        f"logs:          {summary['logs']}",
-    ])
+    return "\n".join(
+        [
+            f"val top-1 {_percent(summary['val/acc1'])} (best epoch {_percent(summary['val/acc1_best'])}), "
+            f"top-5 {_percent(summary['val/acc5'])}"
+            + (
+                f"; held-out test top-1 {_percent(summary['test/acc1'])}, top-5 {_percent(summary['test/acc5'])}"
+                if summary.get("test/acc1") is not None
+                else ""
+            )
+            + f"; {summary['model/gmacs']:.3f} GMACs, {summary['model/params_m']:.2f} M params",
+            f"run directory: {summary['run_dir']} (summary.json, export/)",
+            f"checkpoints:   {summary['checkpoints']} (continue with: tokred-train <same overrides> "
+            f"ckpt_path={summary['run_dir']})",
+            f"logs:          {summary['logs']}",
+        ]
+    )
 
 
 @contextmanager
@@ -104,15 +119,25 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any]:
     except OSError as err:
         if err.errno not in WRITE_ERRORS:
             raise
-        fail("tokred-train", f"cannot write {err.filename or 'a file'} ({err.strerror}); free space, or pass "
-                             f"paths.root=<another disk>; what was written before is intact (resume with "
-                             f"ckpt_path={cfg.paths.output_dir})")
+        fail(
+            "tokred-train",
+            f"cannot write {err.filename or 'a file'} ({err.strerror}); free space, or pass "
+            f"paths.root=<another disk>; what was written before is intact (resume with "
+            f"ckpt_path={cfg.paths.output_dir})",
+        )
     except RunInterrupted as err:
-        fail("tokred-train", f"interrupted by {err}; resume with: tokred-train <same overrides> "
-                             f"ckpt_path={cfg.paths.output_dir}", code=128 + err.signum)
+        fail(
+            "tokred-train",
+            f"interrupted by {err}; resume with: tokred-train <same overrides> ckpt_path={cfg.paths.output_dir}",
+            code=128 + err.signum,
+        )
     except KeyboardInterrupt:
-        fail("tokred-train", "interrupted outside a fit (finished phases and search progress are kept); resume with: "
-                             f"tokred-train <same overrides> ckpt_path={cfg.paths.output_dir}", code=130)
+        fail(
+            "tokred-train",
+            "interrupted outside a fit (finished phases and search progress are kept); resume with: "
+            f"tokred-train <same overrides> ckpt_path={cfg.paths.output_dir}",
+            code=130,
+        )
     if rank_zero_only.rank == 0:
         print(report(summary), flush=True)
     # The whole summary is the job's return value: sweepers pick their objectives from it (the Optuna sweeper's

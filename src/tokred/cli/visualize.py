@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import hydra
 import torch
@@ -36,8 +37,10 @@ def checkpoint_paths(value: Any) -> list[str]:
     """``ckpt_path`` as a list: one path, or several from ``ckpt_path=[a,b,c]``."""
     paths = [str(p) for p in value] if isinstance(value, (list, ListConfig)) else [str(value)]
     if not paths or any(p in ("", "None") for p in paths):
-        raise ConfigError("ckpt_path is required: a run directory, its export/, a phases/*.pt or a "
-                          "checkpoints/*/*.ckpt file, or several as ckpt_path=[a,b]")
+        raise ConfigError(
+            "ckpt_path is required: a run directory, its export/, a phases/*.pt or a "
+            "checkpoints/*/*.ckpt file, or several as ckpt_path=[a,b]"
+        )
     return paths
 
 
@@ -45,8 +48,10 @@ def directory_images(folder: Path, n: int, transform: Callable[[Image.Image], to
     """The first ``n`` image files under ``folder`` (recursive, sorted by path) as a (n, 3, H, W) batch."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
     if not files:
-        raise DatasetError(f"images={folder} holds no image files ({', '.join(IMG_EXTENSIONS)}); point it at a "
-                           "folder of pictures, or use images=val / images=train")
+        raise DatasetError(
+            f"images={folder} holds no image files ({', '.join(IMG_EXTENSIONS)}); point it at a "
+            "folder of pictures, or use images=val / images=train"
+        )
     batch = []
     for path in files[:n]:
         try:
@@ -75,8 +80,13 @@ def load_images(spec: str, n: int, dataset_cfg: DictConfig) -> torch.Tensor:
     folder = Path(spec).expanduser()
     if not folder.is_dir():
         raise DatasetError(f"images={spec} is neither a dataset split ({', '.join(SPLITS)}) nor an existing directory")
-    transform = eval_transform({"img_size": int(dataset_cfg.img_size), "crop_pct": dataset_cfg.get("crop_pct", 0.875),
-                                "aug": dataset_cfg.get("aug") or {}})
+    transform = eval_transform(
+        {
+            "img_size": int(dataset_cfg.img_size),
+            "crop_pct": dataset_cfg.get("crop_pct", 0.875),
+            "aug": dataset_cfg.get("aug") or {},
+        }
+    )
     return directory_images(folder, n, transform)
 
 
@@ -98,13 +108,20 @@ def check_blocks(blocks: Sequence[int] | None, maps: dict[str, list[TokenMap]]) 
     for label, model_maps in maps.items():
         missing = sorted(set(blocks) - {m.block for m in model_maps})
         if missing or not blocks:
-            raise ConfigError(f"blocks={blocks}: {label} has blocks 0..{len(model_maps) - 1}; choose some of those "
-                              "or blocks=null for the automatic choice")
+            raise ConfigError(
+                f"blocks={blocks}: {label} has blocks 0..{len(model_maps) - 1}; choose some of those "
+                "or blocks=null for the automatic choice"
+            )
     return blocks
 
 
-def visualize(models: Sequence[tuple[TokenReducer, dict[str, Any]]], sources: Sequence[str], images: torch.Tensor,
-              out_dir: Path, blocks: Sequence[int] | None = None) -> list[Path]:
+def visualize(
+    models: Sequence[tuple[TokenReducer, dict[str, Any]]],
+    sources: Sequence[str],
+    images: torch.Tensor,
+    out_dir: Path,
+    blocks: Sequence[int] | None = None,
+) -> list[Path]:
     """Draw the token maps of each loaded checkpoint (``(model, meta)`` from :func:`load_checkpoint`, read from
     ``sources``) on ``images`` into ``out_dir``; returns the PNGs written, the comparison last."""
     labels = unique_labels([meta["reducer"]["name"] for _, meta in models])
@@ -128,8 +145,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         models = [load_checkpoint(p) for p in paths]
         sizes = {int(meta["backbone"]["img_size"]) for _, meta in models}
         if len(sizes) > 1:
-            raise ConfigError(f"the checkpoints take images of different sizes ({sorted(sizes)} px); compare models "
-                              "of one input size")
+            raise ConfigError(
+                f"the checkpoints take images of different sizes ({sorted(sizes)} px); compare models of one input size"
+            )
         with open_dict(cfg):
             cfg.backbone = models[0][1]["backbone"]  # the dataset's img_size refers to it
         images = load_images(str(cfg.images), int(cfg.n), cfg.dataset)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import lightning as L
 import torch
@@ -29,8 +30,10 @@ def _synthetic(cfg: Mapping[str, Any]) -> Splits:
     aug = cfg.get("aug") or {}
     unsupported = [k for k in PIL_AUG_KEYS if aug.get(k)]
     if unsupported:
-        raise DatasetError(f"dataset=synthetic does not use dataset.aug.{unsupported[0]} (only hflip, mixup, cutmix "
-                           "and repeated_aug); remove it or use an image dataset")
+        raise DatasetError(
+            f"dataset=synthetic does not use dataset.aug.{unsupported[0]} (only hflip, mixup, cutmix "
+            "and repeated_aug); remove it or use an image dataset"
+        )
     norm = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     hflip = float(aug.get("hflip", 0.5))
     train_tf = v2.Compose([v2.RandomHorizontalFlip(hflip), norm]) if hflip > 0 else norm
@@ -39,8 +42,12 @@ def _synthetic(cfg: Mapping[str, Any]) -> Splits:
         return ShapesDataset(size, cfg["img_size"], cfg["num_classes"], cfg["seed"], split, transform)
 
     test_size = int(cfg.get("test_size") or 0)  # each split is drawn from its own random stream: disjoint
-    return Splits(make("train", cfg["train_size"], train_tf), make("val", cfg["val_size"], norm),
-                  make("test", test_size, norm) if test_size else None, cfg["num_classes"])
+    return Splits(
+        make("train", cfg["train_size"], train_tf),
+        make("val", cfg["val_size"], norm),
+        make("test", test_size, norm) if test_size else None,
+        cfg["num_classes"],
+    )
 
 
 # dataset.source (default: dataset.name) -> builder of its splits.
@@ -99,8 +106,10 @@ class ImageDataModule(L.LightningDataModule):
             view = copy.copy(train)
             view.transform = val.transform
             return view
-        log.warning("%s: cannot swap the training set's transform; it keeps its training augmentations",
-                    self.cfg.get("name", "dataset"))
+        log.warning(
+            "%s: cannot swap the training set's transform; it keeps its training augmentations",
+            self.cfg.get("name", "dataset"),
+        )
         return train
 
     def _world(self) -> tuple[int, int]:
@@ -109,9 +118,16 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, train: bool, sampler: Any = None) -> DataLoader:
         workers = int(self.cfg.get("num_workers", 0))
-        return DataLoader(dataset, batch_size=int(self.cfg["batch_size"]), shuffle=train and sampler is None,
-                          sampler=sampler, drop_last=train, num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            dataset,
+            batch_size=int(self.cfg["batch_size"]),
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def train_dataloader(self) -> DataLoader:
         if not uses_own_sampler(self.cfg):

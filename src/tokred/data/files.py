@@ -14,16 +14,16 @@ import copy
 import logging
 import os
 import pickle
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
-
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
-from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
 from tokred.data.errors import DatasetError
 from tokred.data.transforms import eval_transform, train_transform
@@ -49,8 +49,12 @@ class SafeUnpickler(pickle.Unpickler):
     ``dataset.verify`` says (the checksums only hold for the published archive).
     """
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:
@@ -66,8 +70,9 @@ def _unpickle(path: Path) -> Any:
 class CifarBatches(Dataset):
     """CIFAR-10/100 from the python batch files (torchvision's layout), read through :class:`SafeUnpickler`."""
 
-    def __init__(self, folder: Path, files: list[str], meta: dict[str, str], label_key: str,
-                 transform: Callable | None) -> None:
+    def __init__(
+        self, folder: Path, files: list[str], meta: dict[str, str], label_key: str, transform: Callable | None
+    ) -> None:
         batches = [_unpickle(folder / name) for name in files]
         self.data = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         self.targets = [int(y) for b in batches for y in b[label_key]]
@@ -81,7 +86,7 @@ class CifarBatches(Dataset):
         image = Image.fromarray(self.data[index])
         return (self.transform(image) if self.transform else image), self.targets[index]
 
-    def subset(self, indices: np.ndarray, transform: Callable | None) -> "CifarBatches":
+    def subset(self, indices: np.ndarray, transform: Callable | None) -> CifarBatches:
         """The images at ``indices`` (in that order) under ``transform``."""
         part = copy.copy(self)
         part.data = self.data[indices]
@@ -94,8 +99,10 @@ def hold_out(num_images: int, val_size: int, title: str) -> tuple[np.ndarray, np
     """(train indices, val indices): ``val_size`` of ``num_images`` drawn by a fixed seed, so every run validates on
     the same images; both sorted."""
     if not 0 < val_size < num_images:
-        raise DatasetError(f"dataset.val_size={val_size}: {title} holds {num_images} training images, of which "
-                           f"validation takes 1 to {num_images - 1}; set dataset.val_size in that range")
+        raise DatasetError(
+            f"dataset.val_size={val_size}: {title} holds {num_images} training images, of which "
+            f"validation takes 1 to {num_images - 1}; set dataset.val_size in that range"
+        )
     order = np.random.default_rng(0).permutation(num_images)
     return np.sort(order[val_size:]), np.sort(order[:val_size])
 

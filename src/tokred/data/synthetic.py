@@ -93,8 +93,9 @@ def render_image(rng: np.random.Generator, label: int, size: int) -> tuple[np.nd
 class ShapesDataset(Dataset):
     """``size`` images at ``img_size`` px over ``num_classes`` (<= 10) shape classes, balanced, deterministic."""
 
-    def __init__(self, size: int, img_size: int, num_classes: int = 10, seed: int = 0, split: str = "train",
-                 transform=None) -> None:
+    def __init__(
+        self, size: int, img_size: int, num_classes: int = 10, seed: int = 0, split: str = "train", transform=None
+    ) -> None:
         if not 2 <= num_classes <= len(SHAPES):
             raise ValueError(f"dataset.num_classes={num_classes}: the built-in dataset has 2..{len(SHAPES)} classes")
         split_id = {"train": 0, "val": 1, "test": 2}[split]

@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from tokred.reducers.base import Phase, ParamGroup, ReducerConfig, TokenReducer, TrainingFreeConfig
+from tokred.reducers.base import ParamGroup, Phase, ReducerConfig, TokenReducer, TrainingFreeConfig
 
-__all__ = ["Phase", "ParamGroup", "ReducerConfig", "TokenReducer", "available_reducers", "create_reducer",
-           "is_training_free", "register_reducer", "reducer_class"]
+__all__ = [
+    "Phase",
+    "ParamGroup",
+    "ReducerConfig",
+    "TokenReducer",
+    "available_reducers",
+    "create_reducer",
+    "is_training_free",
+    "register_reducer",
+    "reducer_class",
+]
 
 _REGISTRY: dict[str, type[TokenReducer]] = {}
 

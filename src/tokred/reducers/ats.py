@@ -19,8 +19,9 @@ images, the paper's convention, spec §6). A padded batch executes more than tha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from timm.models.vision_transformer import Block
@@ -28,10 +29,18 @@ from torch import nn
 
 from tokred.flops import BlockCost, ModelCost, head_macs, num_tokens, stem_macs
 from tokred.reducers import register_reducer
-from tokred.reducers.base import Phase, TrainingFreeConfig, TokenMap, TokenReducer
+from tokred.reducers.base import Phase, TokenMap, TokenReducer, TrainingFreeConfig
 from tokred.vit_ops import (
-    UnsupportedBackbone, attend, block_forward, check_standard_vit, classify, cls_attention, embed, gather_tokens,
-    mlp_residual, project_qkv,
+    UnsupportedBackbone,
+    attend,
+    block_forward,
+    check_standard_vit,
+    classify,
+    cls_attention,
+    embed,
+    gather_tokens,
+    mlp_residual,
+    project_qkv,
 )
 
 GRID_SIZES = ("release", "per_current_T")
@@ -60,15 +69,21 @@ class Config(TrainingFreeConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_tokens is not None and self.num_tokens < MIN_TOKENS:
-            raise ValueError(f"reducer.num_tokens={self.num_tokens} must be >= {MIN_TOKENS} (the official minimum) "
-                             "or null (the input token count)")
+            raise ValueError(
+                f"reducer.num_tokens={self.num_tokens} must be >= {MIN_TOKENS} (the official minimum) "
+                "or null (the input token count)"
+            )
         if self.blocks is not None:
             blocks = list(self.blocks)
             if any(b < 0 for b in blocks) or blocks != sorted(set(blocks)):
-                raise ValueError(f"reducer.blocks={blocks} must list distinct 0-based blocks in increasing order, "
-                                 "e.g. [3,4,5] (null: every block from index 3 on)")
-        for knob, value, choices in (("grid_size", self.grid_size, GRID_SIZES),
-                                     ("value_norm", self.value_norm, VALUE_NORMS)):
+                raise ValueError(
+                    f"reducer.blocks={blocks} must list distinct 0-based blocks in increasing order, "
+                    "e.g. [3,4,5] (null: every block from index 3 on)"
+                )
+        for knob, value, choices in (
+            ("grid_size", self.grid_size, GRID_SIZES),
+            ("value_norm", self.value_norm, VALUE_NORMS),
+        ):
             if value not in choices:
                 raise ValueError(f"reducer.{knob}={value!r}; choose one of: {', '.join(choices)}")
         if self.cost_images < 1:
@@ -136,7 +151,7 @@ def sample_tokens(
     hit = torch.zeros(b, n, dtype=torch.bool, device=device).scatter_(1, nearest, True)
     count = hit.sum(dim=1)
     # Hit ranks first, in ascending significance (a stable sort keeps the rank order within each group).
-    ranks = (~hit).to(torch.uint8).sort(dim=1, stable=True).indices[:, :int(count.max())]
+    ranks = (~hit).to(torch.uint8).sort(dim=1, stable=True).indices[:, : int(count.max())]
     return perm.gather(1, ranks), count
 
 
@@ -190,18 +205,24 @@ class ATS(TokenReducer):
         if vit.global_pool != "token":
             # Sampling reads the CLS attention and drops patches, so only a CLS-token classifier is unaffected by
             # which patches (and how much padding) remain.
-            raise UnsupportedBackbone(f"reducer=ats needs a CLS-token-pooled backbone (DeiT layout), got "
-                                      f"global_pool={vit.global_pool!r}; drop backbone.kwargs.global_pool")
+            raise UnsupportedBackbone(
+                f"reducer=ats needs a CLS-token-pooled backbone (DeiT layout), got "
+                f"global_pool={vit.global_pool!r}; drop backbone.kwargs.global_pool"
+            )
         depth, n_ref = len(vit.blocks), num_tokens(vit)
         blocks = list(range(FIRST_BLOCK, depth)) if cfg.blocks is None else list(cfg.blocks)
         if cfg.blocks is None and not blocks:
-            raise ValueError(f"reducer.blocks=null means every block from index {FIRST_BLOCK} on, but the backbone "
-                             f"has {depth} blocks; list the ATS blocks explicitly")
+            raise ValueError(
+                f"reducer.blocks=null means every block from index {FIRST_BLOCK} on, but the backbone "
+                f"has {depth} blocks; list the ATS blocks explicitly"
+            )
         if blocks and blocks[-1] >= depth:
             raise ValueError(f"reducer.blocks={blocks} must be below the backbone depth {depth}")
         if cfg.num_tokens is not None and cfg.num_tokens > n_ref:
-            raise ValueError(f"reducer.num_tokens={cfg.num_tokens} exceeds the backbone's {n_ref} input tokens; "
-                             "lower it or use null (the input count)")
+            raise ValueError(
+                f"reducer.num_tokens={cfg.num_tokens} exceeds the backbone's {n_ref} input tokens; "
+                "lower it or use null (the input count)"
+            )
         self._ats = frozenset(blocks)
         target = self.target_gmacs()
         if target is not None:
@@ -334,8 +355,17 @@ class ATS(TokenReducer):
             # extra_macs, so the block's macs() is the mean of the per-image MACs.
             spread = ((n_q * n_kv).mean() - n_q.mean() * n_kv.mean()) * (cost.qk_dim + cost.v_dim)
             extra = torch.as_tensor(cost.extra_macs, dtype=torch.float64).mean() + spread
-            blocks.append(BlockCost(n_q.mean().item(), n_kv.mean().item(), cost.embed_dim, cost.qk_dim, cost.v_dim,
-                                    cost.mlp_hidden, extra.item()))
+            blocks.append(
+                BlockCost(
+                    n_q.mean().item(),
+                    n_kv.mean().item(),
+                    cost.embed_dim,
+                    cost.qk_dim,
+                    cost.v_dim,
+                    cost.mlp_hidden,
+                    extra.item(),
+                )
+            )
         return ModelCost(blocks, stem_macs(self.vit), head_macs(self.vit), tokens_per_block=[b.n_q for b in blocks])
 
     def knobs(self) -> dict:
@@ -357,9 +387,11 @@ class ATS(TokenReducer):
         low, high = gmacs(lo), gmacs(hi)
         if low > target or high < target * (1 - BUDGET_REACH):
             self.cfg.num_tokens = None
-            raise ValueError(f"reducer target {target:.4g} GMACs is out of reach by num_tokens alone: "
-                             f"{low:.4g}..{high:.4g} GMACs (mean over the reference images) with ATS in blocks "
-                             f"{sorted(self._ats)}; change the target or reducer.blocks")
+            raise ValueError(
+                f"reducer target {target:.4g} GMACs is out of reach by num_tokens alone: "
+                f"{low:.4g}..{high:.4g} GMACs (mean over the reference images) with ATS in blocks "
+                f"{sorted(self._ats)}; change the target or reducer.blocks"
+            )
         if high <= target:
             self.cfg.num_tokens = hi
             return

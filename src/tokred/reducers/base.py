@@ -19,8 +19,9 @@ What the rest of tokred asks of a reducer:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -64,10 +65,12 @@ class TrainingFreeConfig(ReducerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.finetune_epochs is not None and self.finetune_epochs < 0:
-            raise ValueError(f"reducer.finetune_epochs={self.finetune_epochs} must be >= 0 (0: training-free, "
-                             "null: trainer.max_epochs)")
+            raise ValueError(
+                f"reducer.finetune_epochs={self.finetune_epochs} must be >= 0 (0: training-free, "
+                "null: trainer.max_epochs)"
+            )
 
-    def phases(self) -> list["Phase"]:
+    def phases(self) -> list[Phase]:
         """The pipeline: one fine-tuning fit, or none when training-free (the run evaluates and exports)."""
         return [Phase("finetune", epochs=self.finetune_epochs)]
 
@@ -109,7 +112,7 @@ class Phase:
 
     name: str
     epochs: int | None = None
-    run: Callable[["PhaseContext"], None] | None = None
+    run: Callable[[PhaseContext], None] | None = None
     optim: dict[str, Any] = field(default_factory=dict)
 
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,14 +40,22 @@ from tokred.flops import BlockCost, ModelCost, head_macs, stem_macs
 from tokred.reducers import register_reducer
 from tokred.reducers.base import Criterion, ParamGroup, Phase, ReducerConfig, TokenMap, TokenReducer
 from tokred.vit_ops import (
-    UnsupportedBackbone, attend, block_forward, check_standard_vit, classify, embed, gather_tokens, mlp_residual,
+    UnsupportedBackbone,
+    attend,
+    block_forward,
+    check_standard_vit,
+    classify,
+    embed,
+    gather_tokens,
+    mlp_residual,
     project_qkv,
 )
 
 log = logging.getLogger("tokred")
 
-TRAIN_COMMAND = ("tokred-train reducer=dynamicvit backbone.checkpoint=<trained backbone> "
-                 "(or experiment=dynamicvit_deit_s)")
+TRAIN_COMMAND = (
+    "tokred-train reducer=dynamicvit backbone.checkpoint=<trained backbone> (or experiment=dynamicvit_deit_s)"
+)
 # Weight the attention mask leaves on a hidden key, relative to its unmasked weight. log(delta) = -46 keeps SDPA's
 # softmax and the mask's gradient finite (d/dG log(G + delta) = 1 / (G + delta) meets a weight that carries a factor
 # delta), and keeps that weight inside float32/bfloat16's range for keys down to ~1e-18 of the row's attention.
@@ -80,8 +89,10 @@ class Config(ReducerConfig):
             raise ValueError(f"reducer.keep_ratio={self.keep_ratio} must be in (0, 1] (the paper uses 0.7)")
         locs = list(self.pruning_loc)
         if not locs or locs[0] < 0 or any(b <= a for a, b in zip(locs, locs[1:])):
-            raise ValueError(f"reducer.pruning_loc={locs} must be one or more increasing block indices >= 0, "
-                             "e.g. [3,6,9] for a 12-block DeiT")
+            raise ValueError(
+                f"reducer.pruning_loc={locs} must be one or more increasing block indices >= 0, "
+                "e.g. [3,6,9] for a 12-block DeiT"
+            )
         for knob in ("ratio_weight", "kl_weight", "token_weight", "backbone_lr_scale"):
             if getattr(self, knob) < 0:
                 raise ValueError(f"reducer.{knob}={getattr(self, knob)} must be >= 0 (0 switches it off)")
@@ -90,9 +101,11 @@ class Config(ReducerConfig):
         if self.freeze_backbone_epochs < 0:
             raise ValueError(f"reducer.freeze_backbone_epochs={self.freeze_backbone_epochs} must be >= 0 (paper: 5)")
         if self.finetune_epochs is not None and self.finetune_epochs < 1:
-            raise ValueError(f"reducer.finetune_epochs={self.finetune_epochs}: DynamicViT is not training-free (its "
-                             f"prediction modules start untrained); fine-tune with {TRAIN_COMMAND}, "
-                             "finetune_epochs >= 1 or null")
+            raise ValueError(
+                f"reducer.finetune_epochs={self.finetune_epochs}: DynamicViT is not training-free (its "
+                f"prediction modules start untrained); fine-tune with {TRAIN_COMMAND}, "
+                "finetune_epochs >= 1 or null"
+            )
 
 
 def keep_counts(n_patches: int, keep_ratio: float, stages: int) -> list[int]:
@@ -139,7 +152,11 @@ class Predictor(nn.Module):
         # Its own LayerNorm at torch's eps 1e-5, not the backbone's 1e-6 (spec §1.1).
         self.in_conv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU())
         self.out_conv = nn.Sequential(
-            nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(), nn.Linear(dim // 4, 2),
+            nn.Linear(dim, dim // 2),
+            nn.GELU(),
+            nn.Linear(dim // 2, dim // 4),
+            nn.GELU(),
+            nn.Linear(dim // 4, 2),
             nn.LogSoftmax(dim=-1),
         )
 
@@ -176,12 +193,16 @@ class DynamicViT(TokenReducer):
         check_standard_vit(vit, self.name)
         super().__init__(vit, cfg)
         if vit.global_pool != "token":
-            raise UnsupportedBackbone(f"reducer=dynamicvit classifies from the CLS token (DeiT layout), got "
-                                      f"global_pool={vit.global_pool!r}; drop backbone.kwargs.global_pool")
+            raise UnsupportedBackbone(
+                f"reducer=dynamicvit classifies from the CLS token (DeiT layout), got "
+                f"global_pool={vit.global_pool!r}; drop backbone.kwargs.global_pool"
+            )
         depth = len(vit.blocks)
         if cfg.pruning_loc[-1] >= depth:
-            raise ValueError(f"reducer.pruning_loc={list(cfg.pruning_loc)} must index blocks below the backbone "
-                             f"depth {depth}, e.g. {[depth * s // 4 for s in (1, 2, 3)]}")
+            raise ValueError(
+                f"reducer.pruning_loc={list(cfg.pruning_loc)} must index blocks below the backbone "
+                f"depth {depth}, e.g. {[depth * s // 4 for s in (1, 2, 3)]}"
+            )
         self.locs = {block: s for s, block in enumerate(cfg.pruning_loc)}
         self.score_predictor = nn.ModuleList(Predictor(vit.embed_dim) for _ in cfg.pruning_loc)
         # trunc-normal(.02) Linear weights, zero biases; LayerNorms at 1/0 (spec §1.2).
@@ -196,8 +217,10 @@ class DynamicViT(TokenReducer):
         n = self.vit.patch_embed.num_patches
         counts = keep_counts(n, keep_ratio, len(self.cfg.pruning_loc))
         if counts[-1] < 1:
-            raise ValueError(f"reducer.keep_ratio={keep_ratio:.4g} keeps no patch token in stage {len(counts)} "
-                             f"(of {n}); use at least {n ** (-1 / len(counts)):.4g} or fewer pruning_loc")
+            raise ValueError(
+                f"reducer.keep_ratio={keep_ratio:.4g} keeps no patch token in stage {len(counts)} "
+                f"(of {n}); use at least {n ** (-1 / len(counts)):.4g} or fewer pruning_loc"
+            )
         return counts
 
     def _cost(self, counts: list[int]) -> ModelCost:
@@ -228,14 +251,18 @@ class DynamicViT(TokenReducer):
         costs = {r: c for r, c in costs.items() if keep_counts(n, r, stages)[-1] >= 1}
         below = [r for r, c in costs.items() if c <= target]
         if not below:
-            raise ValueError(f"reducer target {target:.4g} GMACs is below what DynamicViT reaches with "
-                             f"pruning_loc={list(self.cfg.pruning_loc)} ({min(costs.values()):.4g} GMACs, one token "
-                             "left); raise the target or prune earlier")
+            raise ValueError(
+                f"reducer target {target:.4g} GMACs is below what DynamicViT reaches with "
+                f"pruning_loc={list(self.cfg.pruning_loc)} ({min(costs.values()):.4g} GMACs, one token "
+                "left); raise the target or prune earlier"
+            )
         best = max(below, key=lambda r: costs[r])
         if costs[best] < 0.99 * target:
             above = min((c for c in costs.values() if c > target), default=costs[best])
-            raise ValueError(f"reducer target {target:.4g} GMACs falls between two keep counts of DynamicViT "
-                             f"({costs[best]:.4g} and {above:.4g} GMACs), more than 1% from either; change the target")
+            raise ValueError(
+                f"reducer target {target:.4g} GMACs falls between two keep counts of DynamicViT "
+                f"({costs[best]:.4g} and {above:.4g} GMACs), more than 1% from either; change the target"
+            )
         log.info("reducer=dynamicvit: target %.4g GMACs -> keep_ratio=%.4f (%.4g GMACs)", target, best, costs[best])
         return best
 
@@ -321,14 +348,16 @@ class DynamicViT(TokenReducer):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """CE + ratio_weight / stages * L_ratio + kl_weight * KL + token_weight * MSE at the finally kept tokens."""
         if teacher is None:
-            raise ValueError("reducer=dynamicvit distils from the frozen backbone: losses() needs the teacher from "
-                             "build_teacher()")
+            raise ValueError(
+                "reducer=dynamicvit distils from the frozen backbone: losses() needs the teacher from build_teacher()"
+            )
         logits, tokens, decisions = self._masked_forward(images)
         with torch.no_grad():
             teacher_tokens = teacher.forward_features(images)
             teacher_logits = teacher.forward_head(teacher_tokens)
-        kl = F.kl_div(F.log_softmax(logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
-                      reduction="batchmean", log_target=True)
+        kl = F.kl_div(
+            F.log_softmax(logits, dim=-1), F.log_softmax(teacher_logits, dim=-1), reduction="batchmean", log_target=True
+        )
         cfg = self.cfg
         return logits, {
             "ce": criterion(logits, targets),
@@ -352,8 +381,10 @@ class DynamicViT(TokenReducer):
         frozen = self.cfg.freeze_backbone_epochs
         if frozen == 0:
             return [Phase("finetune", self.cfg.finetune_epochs)]
-        return [Phase("predictors", frozen, optim={"warmup_epochs": frozen}),
-                Phase("finetune", self.cfg.finetune_epochs, optim={"warmup_epochs": 0})]
+        return [
+            Phase("predictors", frozen, optim={"warmup_epochs": frozen}),
+            Phase("finetune", self.cfg.finetune_epochs, optim={"warmup_epochs": 0}),
+        ]
 
     def enter_phase(self, name: str) -> None:
         super().enter_phase(name)
@@ -370,5 +401,7 @@ class DynamicViT(TokenReducer):
         for name, param in self.vit.named_parameters():
             (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
         scale = self.cfg.backbone_lr_scale
-        return [ParamGroup("backbone", decay, lr_mult=scale),
-                ParamGroup("backbone_no_decay", no_decay, lr_mult=scale, weight_decay=0.0)]
+        return [
+            ParamGroup("backbone", decay, lr_mult=scale),
+            ParamGroup("backbone_no_decay", no_decay, lr_mult=scale, weight_decay=0.0),
+        ]

@@ -45,16 +45,21 @@ class Config(TopKConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.fuse_normalize and not self.fuse:
-            raise ValueError("reducer.fuse_normalize=true needs reducer.fuse=true (there is no fused token to "
-                             "normalise)")
+            raise ValueError(
+                "reducer.fuse_normalize=true needs reducer.fuse=true (there is no fused token to normalise)"
+            )
         for knob in ("keep_warmup_start", "keep_warmup_epochs"):
             if not 0 <= getattr(self, knob) <= 1:
-                raise ValueError(f"reducer.{knob}={getattr(self, knob)} must be in [0, 1] (a share of the epochs; "
-                                 "the paper's from-scratch run uses 10/300 and 100/300)")
+                raise ValueError(
+                    f"reducer.{knob}={getattr(self, knob)} must be in [0, 1] (a share of the epochs; "
+                    "the paper's from-scratch run uses 10/300 and 100/300)"
+                )
         if self.keep_warmup_start + self.keep_warmup_epochs > 1:
-            raise ValueError(f"reducer.keep_warmup_start + keep_warmup_epochs = "
-                             f"{self.keep_warmup_start + self.keep_warmup_epochs:.4g} must be <= 1, or training never "
-                             "reaches the keep_rate that evaluation and export use")
+            raise ValueError(
+                f"reducer.keep_warmup_start + keep_warmup_epochs = "
+                f"{self.keep_warmup_start + self.keep_warmup_epochs:.4g} must be <= 1, or training never "
+                "reaches the keep_rate that evaluation and export use"
+            )
 
 
 def keep_rate_schedule(keep_rate: float, epoch: float, start: float, length: float) -> float:

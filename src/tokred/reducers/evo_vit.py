@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from timm.models.vision_transformer import Block, init_weights_vit_timm
@@ -27,7 +27,14 @@ from tokred.flops import BlockCost, ModelCost, head_macs, num_tokens, stem_macs
 from tokred.reducers import register_reducer
 from tokred.reducers.base import Criterion, ReducerConfig, TokenMap, TokenReducer
 from tokred.vit_ops import (
-    UnsupportedBackbone, attend, check_standard_vit, classify, cls_attention, embed, gather_tokens, mlp_residual,
+    UnsupportedBackbone,
+    attend,
+    check_standard_vit,
+    classify,
+    cls_attention,
+    embed,
+    gather_tokens,
+    mlp_residual,
     project_qkv,
 )
 
@@ -61,22 +68,31 @@ class Config(ReducerConfig):
         if not 0 < self.keep_ratio <= 1:
             raise ValueError(f"reducer.keep_ratio={self.keep_ratio} must be in (0, 1] (the paper uses 0.5)")
         if self.start_layer < 1:
-            raise ValueError(f"reducer.start_layer={self.start_layer} must be >= 1: the first selection needs the "
-                             "class attention of an earlier block (the paper uses 4)")
+            raise ValueError(
+                f"reducer.start_layer={self.start_layer} must be >= 1: the first selection needs the "
+                "class attention of an earlier block (the paper uses 4)"
+            )
         if not 0 <= self.tradeoff <= 1:
             raise ValueError(f"reducer.tradeoff={self.tradeoff} must be in [0, 1] (the paper uses 0.5)")
-        for knob, value, choices in (("fast_update", self.fast_update, FAST_UPDATES), ("mode", self.mode, MODES),
-                                     ("head", self.head, HEADS)):
+        for knob, value, choices in (
+            ("fast_update", self.fast_update, FAST_UPDATES),
+            ("mode", self.mode, MODES),
+            ("head", self.head, HEADS),
+        ):
             if value not in choices:
                 raise ValueError(f"reducer.{knob}={value!r}; choose one of: {', '.join(choices)}")
         if self.num_stages < 1:
             raise ValueError(f"reducer.num_stages={self.num_stages} must be >= 1 (the paper uses 2)")
         if not 0 <= self.stage_switch <= 1:
-            raise ValueError(f"reducer.stage_switch={self.stage_switch} must be in [0, 1] "
-                             "(share of the epochs trained layer-wise; the paper uses 2/3)")
+            raise ValueError(
+                f"reducer.stage_switch={self.stage_switch} must be in [0, 1] "
+                "(share of the epochs trained layer-wise; the paper uses 2/3)"
+            )
         if not 0 <= self.aux_weight < 1:
-            raise ValueError(f"reducer.aux_weight={self.aux_weight} must be in [0, 1): the main head needs a loss "
-                             "(the paper uses 0.5)")
+            raise ValueError(
+                f"reducer.aux_weight={self.aux_weight} must be in [0, 1): the main head needs a loss "
+                "(the paper uses 0.5)"
+            )
 
 
 @dataclass(frozen=True)
@@ -88,7 +104,7 @@ class _Plan:
     scored: tuple[bool, ...]  # per block: does a later selection read its class attention?
 
     @classmethod
-    def build(cls, depth: int, start_layer: int, num_stages: int, layer_wise: bool) -> "_Plan":
+    def build(cls, depth: int, start_layer: int, num_stages: int, layer_wise: bool) -> _Plan:
         if layer_wise:
             starts = list(range(start_layer, depth))
         else:
@@ -129,14 +145,18 @@ class EvoViT(TokenReducer):
         super().__init__(vit, cfg)
         check_standard_vit(vit, self.name)
         if vit.global_pool != "token":
-            raise UnsupportedBackbone(f"reducer=evo_vit needs a CLS-token-pooled backbone (DeiT layout), got "
-                                      f"global_pool={vit.global_pool!r}; drop backbone.kwargs.global_pool")
+            raise UnsupportedBackbone(
+                f"reducer=evo_vit needs a CLS-token-pooled backbone (DeiT layout), got "
+                f"global_pool={vit.global_pool!r}; drop backbone.kwargs.global_pool"
+            )
         depth = len(vit.blocks)
         if cfg.start_layer >= depth:
             raise ValueError(f"reducer.start_layer={cfg.start_layer} must be below the backbone depth {depth}")
         if cfg.num_stages > depth - cfg.start_layer:
-            raise ValueError(f"reducer.num_stages={cfg.num_stages} exceeds the {depth - cfg.start_layer} blocks from "
-                             f"start_layer={cfg.start_layer} to the depth {depth}; lower it")
+            raise ValueError(
+                f"reducer.num_stages={cfg.num_stages} exceeds the {depth - cfg.start_layer} blocks from "
+                f"start_layer={cfg.start_layer} to the depth {depth}; lower it"
+            )
         self._plans = {lw: _Plan.build(depth, cfg.start_layer, cfg.num_stages, lw) for lw in (False, True)}
         self.cls_norm: nn.Module | None = None
         self.cls_head: nn.Module | None = None
@@ -157,8 +177,9 @@ class EvoViT(TokenReducer):
     def _num_keep(n: int, keep_ratio: float) -> int:
         k = int(n * keep_ratio)
         if k < 1:
-            raise ValueError(f"reducer.keep_ratio={keep_ratio} keeps none of the {n} patch tokens; "
-                             f"use at least {1 / n:.4g}")
+            raise ValueError(
+                f"reducer.keep_ratio={keep_ratio} keeps none of the {n} patch tokens; use at least {1 / n:.4g}"
+            )
         return k
 
     def _meet_budget(self, target: float) -> None:
@@ -170,9 +191,11 @@ class EvoViT(TokenReducer):
         costs = {k: self._cost(k).gmacs for k in range(1, n + 1)}
         k = min(costs, key=lambda k: abs(costs[k] - target))
         if abs(costs[k] - target) > 0.03 * target:
-            raise ValueError(f"reducer target {target:.3f} GMACs is out of reach by keep_ratio alone: "
-                             f"{costs[1]:.3f}..{costs[n]:.3f} GMACs at start_layer={self.cfg.start_layer}; "
-                             "change the target or reducer.start_layer")
+            raise ValueError(
+                f"reducer target {target:.3f} GMACs is out of reach by keep_ratio alone: "
+                f"{costs[1]:.3f}..{costs[n]:.3f} GMACs at start_layer={self.cfg.start_layer}; "
+                "change the target or reducer.start_layer"
+            )
         # Mid-way between K and K+1 so that int(N * keep_ratio) gives K back despite float rounding.
         self.cfg.keep_ratio = min(1.0, (k + 0.5) / n)
 
@@ -204,12 +227,18 @@ class EvoViT(TokenReducer):
                 f"evo_vit: global batch {global_batch} is far below the paper's {PAPER_GLOBAL_BATCH} (8 GPUs x 128); "
                 "single-GPU runs of the official recipe reached 66% instead of 79.4% top-1 (Evo-ViT issue #10). "
                 "Keep the global batch with trainer.devices / trainer.accumulate_grad_batches; below it the linear "
-                "rule (optim.lr_batch) lowers the lr into an untested regime", UserWarning, stacklevel=2)
+                "rule (optim.lr_batch) lowers the lr into an untested regime",
+                UserWarning,
+                stacklevel=2,
+            )
         if self.cfg.mode == "stage" and self.cfg.stage_switch > 0 and self._switch_epoch(max_epochs) >= max_epochs:
             warnings.warn(
                 f"evo_vit: with reducer.stage_switch={self.cfg.stage_switch:.3g} and {max_epochs} epochs training "
                 "never reaches the stage-wise phase, yet evaluation and export run stage-wise (spec pitfall 5); "
-                "lower reducer.stage_switch or set reducer.mode=layer", UserWarning, stacklevel=2)
+                "lower reducer.stage_switch or set reducer.mode=layer",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def on_train_epoch_start(self, epoch: int, max_epochs: int) -> None:
         self._train_layer_wise = self.cfg.mode == "layer" or epoch < self._switch_epoch(max_epochs)
@@ -219,9 +248,7 @@ class EvoViT(TokenReducer):
         return self._train_layer_wise if self.training else self.cfg.mode == "layer"
 
     # ---------------------------------------------------------------- forward
-    def _tokens(
-        self, images: torch.Tensor, on_block: BlockCallback | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tokens(self, images: torch.Tensor, on_block: BlockCallback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens after the last block, (B, 1 + N, C), CLS first and the patches in score order, and that order
         as original patch indices (B, N)."""
         cfg = self.cfg
@@ -251,7 +278,7 @@ class EvoViT(TokenReducer):
                     x = x[:, :-1]
                 x, rest = torch.cat([x, rest], dim=1), None
             if on_block is not None:
-                full = x if rest is None else torch.cat([x[:, :1 + k], rest], dim=1)
+                full = x if rest is None else torch.cat([x[:, : 1 + k], rest], dim=1)
                 slow = torch.ones_like(order, dtype=torch.bool)
                 if i >= cfg.start_layer:
                     slow = torch.zeros_like(slow).scatter_(1, order[:, :k], True)

@@ -28,9 +28,10 @@ import copy
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ from tokred.flops import BlockCost, ModelCost, bisect_budget, head_macs, num_tok
 from tokred.io import atomic_write, atomic_write_json
 from tokred.reducers import register_reducer
 from tokred.reducers.base import Phase, ReducerConfig, TokenMap, TokenReducer
-from tokred.vit_ops import UnsupportedBackbone, block_forward, check_standard_vit, embed, classify, project_qkv
+from tokred.vit_ops import UnsupportedBackbone, block_forward, check_standard_vit, classify, embed, project_qkv
 
 if TYPE_CHECKING:
     from tokred.training.phases import PhaseContext
@@ -94,8 +95,15 @@ class Config(ReducerConfig):
         for knob in positive:
             if not getattr(self, knob) > 0:
                 raise ValueError(f"reducer.{knob}={getattr(self, knob)} must be > 0")
-        at_least_one = ("group_size", "block_batch_size", "score_images", "score_batch_size", "cache_images",
-                        "holdout_images", "bisect_searches")
+        at_least_one = (
+            "group_size",
+            "block_batch_size",
+            "score_images",
+            "score_batch_size",
+            "cache_images",
+            "holdout_images",
+            "bisect_searches",
+        )
         for knob in at_least_one:
             if getattr(self, knob) < 1:
                 raise ValueError(f"reducer.{knob}={getattr(self, knob)} must be >= 1")
@@ -103,7 +111,9 @@ class Config(ReducerConfig):
             if getattr(self, knob) < 0:
                 raise ValueError(f"reducer.{knob}={getattr(self, knob)} must be >= 0")
         if self.finetune_epochs is not None and self.finetune_epochs < 0:
-            raise ValueError(f"reducer.finetune_epochs={self.finetune_epochs} must be >= 0 (or null: trainer.max_epochs)")
+            raise ValueError(
+                f"reducer.finetune_epochs={self.finetune_epochs} must be >= 0 (or null: trainer.max_epochs)"
+            )
         if self.bisect_rtol >= 1:
             raise ValueError(f"reducer.bisect_rtol={self.bisect_rtol} must be < 1 (e.g. 0.02 for 2%)")
         if self.score_input not in SCORE_INPUTS:
@@ -112,16 +122,21 @@ class Config(ReducerConfig):
             raise ValueError(f"reducer.error_target={self.error_target!r}; choose one of: {', '.join(ERROR_TARGETS)}")
         if self.schedule is not None:
             if self.target_gmacs is not None or self.target_ratio is not None:
-                raise ValueError("reducer.schedule fixes the token schedule; unset reducer.target_gmacs/target_ratio "
-                                 "or drop reducer.schedule to search for the target")
+                raise ValueError(
+                    "reducer.schedule fixes the token schedule; unset reducer.target_gmacs/target_ratio "
+                    "or drop reducer.schedule to search for the target"
+                )
             if not Path(self.schedule).expanduser().is_file():
-                raise ValueError(f"reducer.schedule={self.schedule!r} does not exist; pass the schedule.json a search "
-                                 "wrote (<run_dir>/phases/search/schedule.json) or unset it to run the search")
+                raise ValueError(
+                    f"reducer.schedule={self.schedule!r} does not exist; pass the schedule.json a search "
+                    "wrote (<run_dir>/phases/search/schedule.json) or unset it to run the search"
+                )
 
 
 # --------------------------------------------------------------------------------------------------- schedules
-def check_schedule(keep: Any, n_tokens: int, depth: int, where: str = "schedule",
-                   cls_only_last: bool = True) -> list[list[int]]:
+def check_schedule(
+    keep: Any, n_tokens: int, depth: int, where: str = "schedule", cls_only_last: bool = True
+) -> list[list[int]]:
     """Validated, sorted keep-lists: one per block, nested, CLS (id 0) in every block and (``cls_only_last``) alone
     in the last; only the unpruned starting point of a model without schedule relaxes the latter."""
     if not isinstance(keep, list) or len(keep) != depth:
@@ -138,9 +153,11 @@ def check_schedule(keep: Any, n_tokens: int, depth: int, where: str = "schedule"
             raise ValueError(f"{where}: block {block} drops the CLS token (id 0); every block must keep it")
         if not set(ids) <= previous:
             stray = sorted(set(ids) - previous)[:5]
-            raise ValueError(f"{where}: block {block} keeps tokens {stray} that "
-                             + ("are outside 0..%d" % (n_tokens - 1) if block == 0 else f"block {block - 1} pruned")
-                             + "; schedules must be nested (kept at l+1 => kept at l)")
+            raise ValueError(
+                f"{where}: block {block} keeps tokens {stray} that "
+                + (f"are outside 0..{n_tokens - 1}" if block == 0 else f"block {block - 1} pruned")
+                + "; schedules must be nested (kept at l+1 => kept at l)"
+            )
         previous = set(ids)
         out.append(sorted(ids))
     if cls_only_last and out[-1] != [0]:
@@ -164,8 +181,9 @@ def read_schedule(path: str | Path, n_tokens: int, depth: int) -> dict[str, Any]
         raise ValueError(f"{where} has no 'keep' list (one list of kept token ids per block)")
     for key, expected in (("num_tokens", n_tokens), ("depth", depth)):
         if key in doc and doc[key] != expected:
-            raise ValueError(f"{where} was made for {key}={doc[key]} but the backbone has {expected}; "
-                             "search again for this backbone")
+            raise ValueError(
+                f"{where} was made for {key}={doc[key]} but the backbone has {expected}; search again for this backbone"
+            )
     return doc
 
 
@@ -228,14 +246,17 @@ def token_orders(keep: Sequence[Sequence[int]], rankings: Sequence[Sequence[int]
     for block in range(len(keep) - 2, -1, -1):
         order = orders[0][: len(keep[block + 1])] + list(rankings[block])
         if sorted(order) != list(range(len(order))) or set(order[: len(keep[block])]) != set(keep[block]):
-            raise ValueError(f"block {block}: its ranking does not extend the schedule (kept tokens first, then the "
-                             "ones the next block pruned); pass the rankings of the search that made it")
+            raise ValueError(
+                f"block {block}: its ranking does not extend the schedule (kept tokens first, then the "
+                "ones the next block pruned); pass the rankings of the search that made it"
+            )
         orders.insert(0, order)
     return orders[:-1]
 
 
-def fit_to_budget(vit: nn.Module, keep: Sequence[Sequence[int]], rankings: Sequence[Sequence[int]],
-                  target: float) -> list[list[int]]:
+def fit_to_budget(
+    vit: nn.Module, keep: Sequence[Sequence[int]], rankings: Sequence[Sequence[int]], target: float
+) -> list[list[int]]:
     """A searched schedule moved, one token at a time, to the highest cost at or under ``target`` GMACs.
 
     Over the target, round after round each searched block (deepest first, as the search goes) loses its
@@ -316,8 +337,10 @@ class PatchSlimming(TokenReducer):
         super().__init__(vit, cfg)
         check_standard_vit(vit, self.name)
         if vit.global_pool != "token":
-            raise UnsupportedBackbone(f"reducer={self.name} needs CLS-token pooling (global_pool='token'), got "
-                                      f"{vit.global_pool!r}: its last block computes the CLS token only")
+            raise UnsupportedBackbone(
+                f"reducer={self.name} needs CLS-token pooling (global_pool='token'), got "
+                f"{vit.global_pool!r}: its last block computes the CLS token only"
+            )
         self.n_tokens, self.depth = num_tokens(vit), len(vit.blocks)
         if self.depth < 2:
             raise UnsupportedBackbone(f"reducer={self.name} needs at least 2 blocks, the backbone has {self.depth}")
@@ -340,8 +363,14 @@ class PatchSlimming(TokenReducer):
     def set_schedule(self, doc: dict[str, Any], where: str = "schedule") -> None:
         """Adopt a schedule document ({'keep': [...], 'source': ..., metadata}) and rebuild the index buffers."""
         keep = check_schedule(doc["keep"], self.n_tokens, self.depth, where, cls_only_last=doc["source"] != "dense")
-        self.schedule = {**doc, "format": SCHEDULE_FORMAT, "num_tokens": self.n_tokens, "depth": self.depth,
-                         "keep": keep, "gmacs": schedule_cost(self.vit, keep).gmacs}
+        self.schedule = {
+            **doc,
+            "format": SCHEDULE_FORMAT,
+            "num_tokens": self.n_tokens,
+            "depth": self.depth,
+            "keep": keep,
+            "gmacs": schedule_cost(self.vit, keep).gmacs,
+        }
         device = self.vit.pos_embed.device
         parent = list(range(self.n_tokens))
         for block, ids in enumerate(keep):
@@ -382,9 +411,16 @@ class PatchSlimming(TokenReducer):
     def phases(self) -> list[Phase]:
         # Spec A6 [R]: DeiT's cosine recipe at 5e-5 x batch/512; min_lr keeps DeiT's peak/min ratio of 50.
         cfg = self.cfg
-        finetune = Phase("finetune", epochs=cfg.finetune_epochs, optim={
-            "lr": cfg.finetune_lr, "lr_batch": 512, "min_lr": cfg.finetune_lr / 50,
-            "warmup_epochs": cfg.finetune_warmup_epochs})
+        finetune = Phase(
+            "finetune",
+            epochs=cfg.finetune_epochs,
+            optim={
+                "lr": cfg.finetune_lr,
+                "lr_batch": 512,
+                "min_lr": cfg.finetune_lr / 50,
+                "warmup_epochs": cfg.finetune_warmup_epochs,
+            },
+        )
         if cfg.schedule is not None:
             return [finetune]
         return [Phase("search", epochs=0, run=lambda ctx: SlimmingSearch(self, ctx).run()), finetune]
@@ -408,8 +444,12 @@ class PatchSlimming(TokenReducer):
         # The budget error as the benchmark rows compute it: achieved vs target GMACs, in % (never above 0 here).
         target = self.target_gmacs()
         error = None if target is None else round(100 * (self.schedule["gmacs"] - target) / target, 2)
-        return {**super().knobs(), "schedule_source": self.schedule["source"],
-                "epsilon_used": self.schedule.get("epsilon"), "budget_error_pct": error}
+        return {
+            **super().knobs(),
+            "schedule_source": self.schedule["source"],
+            "epsilon_used": self.schedule.get("epsilon"),
+            "budget_error_pct": error,
+        }
 
     def structure(self) -> dict[str, Any]:
         return {**super().structure(), "schedule": self.schedule}
@@ -454,11 +494,22 @@ def _save_progress(path: Path, state: dict[str, Any], blocks: dict[str, torch.Te
 class SlimmingSearch:
     """Algorithm 1 (§2.3), resumable after every finished layer, plus the epsilon bisection for a GMACs target."""
 
-    FINGERPRINT = ("group_size", "block_epochs", "block_lr", "block_batch_size", "block_weight_decay",
-                   "block_grad_clip", "score_images", "cache_images", "holdout_images", "score_input", "error_target",
-                   "seed")
+    FINGERPRINT = (
+        "group_size",
+        "block_epochs",
+        "block_lr",
+        "block_batch_size",
+        "block_weight_decay",
+        "block_grad_clip",
+        "score_images",
+        "cache_images",
+        "holdout_images",
+        "score_input",
+        "error_target",
+        "seed",
+    )
 
-    def __init__(self, model: PatchSlimming, ctx: "PhaseContext") -> None:
+    def __init__(self, model: PatchSlimming, ctx: PhaseContext) -> None:
         self.model, self.ctx, self.cfg, self.vit = model, ctx, model.cfg, model.vit
         self.root = ctx.phase_dir("search")
         self.device = ctx.device
@@ -468,9 +519,15 @@ class SlimmingSearch:
         n_holdout = min(self.cfg.holdout_images, len(self.data) // 2)
         n_cache = min(self.cfg.cache_images, len(self.data) - n_holdout)
         if (n_holdout, n_cache) != (self.cfg.holdout_images, self.cfg.cache_images):
-            log.warning("patch_slimming: %d training images; using %d held out and %d cached (asked %d and %d)",
-                        len(self.data), n_holdout, n_cache, self.cfg.holdout_images, self.cfg.cache_images)
-        self.holdout_ids, self.cache_ids = order[:n_holdout], order[n_holdout:n_holdout + n_cache]
+            log.warning(
+                "patch_slimming: %d training images; using %d held out and %d cached (asked %d and %d)",
+                len(self.data),
+                n_holdout,
+                n_cache,
+                self.cfg.holdout_images,
+                self.cfg.cache_images,
+            )
+        self.holdout_ids, self.cache_ids = order[:n_holdout], order[n_holdout : n_holdout + n_cache]
         self.fingerprint = {k: getattr(self.cfg, k) for k in self.FINGERPRINT}
 
     # ---------------------------------------------------------------- driver
@@ -505,8 +562,14 @@ class SlimmingSearch:
                 break
             result = self.search(epsilon, self.root / f"search_{k}")
             history.append(result)
-            log.info("patch_slimming: epsilon bisection %d/%d: epsilon=%.4g -> %.4f GMACs (target %.4f)",
-                     k + 1, cfg.bisect_searches, epsilon, result["gmacs"], target)
+            log.info(
+                "patch_slimming: epsilon bisection %d/%d: epsilon=%.4g -> %.4f GMACs (target %.4f)",
+                k + 1,
+                cfg.bisect_searches,
+                epsilon,
+                result["gmacs"],
+                target,
+            )
         return history
 
     def meet_budget(self, target: float, history: list[dict[str, Any]]) -> None:
@@ -515,22 +578,42 @@ class SlimmingSearch:
         (ties: the one under the target, which only gains tokens)."""
         base = min(history, key=lambda r: (abs(r["gmacs"] - target), r["gmacs"] > target))
         if any("ranking" not in r for r in base["layers"]):
-            raise ValueError(f"{base['dir']}/progress.pt was searched by an older tokred without token rankings; "
-                             "delete that directory (or start a new run directory) to search again")
+            raise ValueError(
+                f"{base['dir']}/progress.pt was searched by an older tokred without token rankings; "
+                "delete that directory (or start a new run directory) to search again"
+            )
         rankings = {r["block"]: r["ranking"] for r in base["layers"]}
         keep = fit_to_budget(self.vit, base["keep"], [rankings[b] for b in range(len(base["keep"]) - 1)], target)
         gmacs = schedule_cost(self.vit, keep).gmacs
         error = 100 * (gmacs - target) / target
-        atomic_write_json(self.root / "bisection.json", {
-            "target_gmacs": target, "chosen_epsilon": base["epsilon"], "searched_gmacs": base["gmacs"],
-            "chosen_gmacs": gmacs, "budget_error_pct": error,
-            "searches": [{"epsilon": r["epsilon"], "gmacs": r["gmacs"], "dir": r["dir"]} for r in history]})
-        log.info("patch_slimming: search at epsilon %.4g (%.4f GMACs) %s to %.4f GMACs: %+.2f%% of the %.4f target",
-                 base["epsilon"], base["gmacs"], "filled" if base["gmacs"] <= target else "trimmed", gmacs, error,
-                 target)
+        atomic_write_json(
+            self.root / "bisection.json",
+            {
+                "target_gmacs": target,
+                "chosen_epsilon": base["epsilon"],
+                "searched_gmacs": base["gmacs"],
+                "chosen_gmacs": gmacs,
+                "budget_error_pct": error,
+                "searches": [{"epsilon": r["epsilon"], "gmacs": r["gmacs"], "dir": r["dir"]} for r in history],
+            },
+        )
+        log.info(
+            "patch_slimming: search at epsilon %.4g (%.4f GMACs) %s to %.4f GMACs: %+.2f%% of the %.4f target",
+            base["epsilon"],
+            base["gmacs"],
+            "filled" if base["gmacs"] <= target else "trimmed",
+            gmacs,
+            error,
+            target,
+        )
         if not -BUDGET_TOLERANCE_PCT <= error <= 0:
-            log.warning("patch_slimming: %+.2f%% off the %.4f GMACs target: one token costs more than %.0f%% of it on "
-                        "this backbone", error, target, BUDGET_TOLERANCE_PCT)
+            log.warning(
+                "patch_slimming: %+.2f%% off the %.4f GMACs target: one token costs more than %.0f%% of it on "
+                "this backbone",
+                error,
+                target,
+                BUDGET_TOLERANCE_PCT,
+            )
         self.adopt(base, target, keep)
         self.ctx.log({"search/budget_error_pct": error})
 
@@ -541,20 +624,32 @@ class SlimmingSearch:
         self.vit.blocks.load_state_dict(payload["blocks"])
         doc = self._schedule_doc(result, target)
         if keep != result["keep"]:
-            doc |= {"keep": keep, "searched_gmacs": result["gmacs"],
-                    "tokens_moved": [len(a) - len(b) for a, b in zip(keep, result["keep"])]}
+            doc |= {
+                "keep": keep,
+                "searched_gmacs": result["gmacs"],
+                "tokens_moved": [len(a) - len(b) for a, b in zip(keep, result["keep"])],
+            }
         self.model.set_schedule(doc)
         atomic_write_json(self.root / "schedule.json", self.model.schedule)
-        log.info("patch_slimming: searched schedule (epsilon %.4g, %.4f GMACs), tokens per block %s -> %s",
-                 result["epsilon"], self.model.schedule["gmacs"], [len(k) for k in doc["keep"]],
-                 self.root / "schedule.json")
+        log.info(
+            "patch_slimming: searched schedule (epsilon %.4g, %.4f GMACs), tokens per block %s -> %s",
+            result["epsilon"],
+            self.model.schedule["gmacs"],
+            [len(k) for k in doc["keep"]],
+            self.root / "schedule.json",
+        )
         self.ctx.log({"search/epsilon": result["epsilon"], "search/gmacs": self.model.schedule["gmacs"]})
 
     def _schedule_doc(self, state: dict[str, Any], target: float | None) -> dict[str, Any]:
         layers = [{k: v for k, v in rec.items() if k not in ("score_ids", "ranking")} for rec in state["layers"]]
-        return {"keep": state["keep"], "source": "search" if state["done"] else "search_partial",
-                "epsilon": state["epsilon"], "target_gmacs": target, "layers": layers,
-                **{k: self.fingerprint[k] for k in ("score_input", "error_target", "seed", "group_size")}}
+        return {
+            "keep": state["keep"],
+            "source": "search" if state["done"] else "search_partial",
+            "epsilon": state["epsilon"],
+            "target_gmacs": target,
+            "layers": layers,
+            **{k: self.fingerprint[k] for k in ("score_input", "error_target", "seed", "group_size")},
+        }
 
     def search(self, epsilon: float, directory: Path) -> dict[str, Any]:
         """Algorithm 1 at one epsilon, from the original weights; resumes from ``directory/progress.pt``."""
@@ -565,11 +660,16 @@ class SlimmingSearch:
             if state["fingerprint"] != self.fingerprint or state["epsilon"] != epsilon:
                 raise ValueError(
                     f"{path} is a search with other settings ({state['fingerprint']}, epsilon={state['epsilon']}); "
-                    "restore those reducer knobs or start a new run directory")
+                    "restore those reducer knobs or start a new run directory"
+                )
             self.vit.blocks.load_state_dict(payload["blocks"])
             if state["layers"]:
-                log.info("patch_slimming: resuming the search at epsilon %.4g after block %d (%s)",
-                         epsilon, state["layers"][-1]["block"], path)
+                log.info(
+                    "patch_slimming: resuming the search at epsilon %.4g after block %d (%s)",
+                    epsilon,
+                    state["layers"][-1]["block"],
+                    path,
+                )
         else:
             self.vit.blocks.load_state_dict(self.original)
             keep = [list(range(model.n_tokens))] * (model.depth - 1) + [[0]]  # last block: CLS only, exact
@@ -577,8 +677,13 @@ class SlimmingSearch:
         state["dir"] = str(directory)  # where the run directory is now, should it have moved since the interruption
         model.set_schedule({"keep": state["keep"], "source": "search_partial"})
         first = model.depth - 2 - len(state["layers"])
-        bar = tqdm(range(first, -1, -1), desc=f"patch-slimming search (eps {epsilon:.3g})", initial=len(state["layers"]),
-                   total=model.depth - 1, disable=None)
+        bar = tqdm(
+            range(first, -1, -1),
+            desc=f"patch-slimming search (eps {epsilon:.3g})",
+            initial=len(state["layers"]),
+            total=model.depth - 1,
+            disable=None,
+        )
         for block in bar:
             record = self.search_block(block, epsilon)
             state["layers"].append(record)
@@ -602,19 +707,24 @@ class SlimmingSearch:
         # A fresh fixed-seed draw per layer, as the paper samples before each layer; uniform rather than 5 per class
         # [R], since datasets do not expose labels uniformly (5k of ImageNet's 1.28M is ~5 per class anyway).
         score_ids = np.random.default_rng(_seed(cfg.seed, 1, block)).choice(
-            len(self.data), size=min(cfg.score_images, len(self.data)), replace=False)
+            len(self.data), size=min(cfg.score_images, len(self.data)), replace=False
+        )
         score = self.mean_score(block, score_ids)
         kept = set(keep_next)
         candidates = sorted((i for i in range(model.n_tokens) if i not in kept), key=lambda i: (-score[i], i))
 
         original_next = copy.deepcopy(blocks[block + 1])
         prefix = f"{block + 1}."
-        original_next.load_state_dict({k[len(prefix):]: v for k, v in self.original.items() if k.startswith(prefix)})
+        original_next.load_state_dict({k[len(prefix) :]: v for k, v in self.original.items() if k.startswith(prefix)})
         problem = BlockProblem(
-            blk=blocks[block], nxt=blocks[block + 1], original=copy.deepcopy(blocks[block]),  # not yet touched
+            blk=blocks[block],
+            nxt=blocks[block + 1],
+            original=copy.deepcopy(blocks[block]),  # not yet touched
             target_next={"pruned_next": blocks[block + 1], "original": original_next},
-            next_index=torch.tensor(keep_next, device=self.device), batch_size=cfg.block_batch_size,
-            device=self.device)
+            next_index=torch.tensor(keep_next, device=self.device),
+            batch_size=cfg.block_batch_size,
+            device=self.device,
+        )
         z_holdout = self.block_inputs(block, self.holdout_ids)
         z_cache = self.block_inputs(block, self.cache_ids) if cfg.block_epochs else None
 
@@ -637,22 +747,43 @@ class SlimmingSearch:
             # default target (error 0), which the fine-tuned weights need not be.
             problem.blk.load_state_dict(problem.original.state_dict())
             errors = problem.errors(z_holdout, index, index_next)
-            log.warning("patch_slimming: block %d: no group met epsilon %.4g (best %.4g); keeping all %d tokens "
-                        "with the original block", block, epsilon, min(s[cfg.error_target] for s in steps), len(keep))
-        model.set_schedule({"keep": model.keep[:block] + [keep] + model.keep[block + 1:], "source": "search_partial"})
-        record = {"block": block, "tokens": len(keep), "added": added, "error": errors[cfg.error_target],
-                  **{f"error_{mode}": e for mode, e in errors.items()}, "steps": steps,
-                  "score_ids": score_ids.tolist(), "ranking": candidates}
-        log.info("patch_slimming: block %d keeps %d/%d tokens (+%d candidates), error %.5f (%s; eps %.4g)",
-                 block, len(keep), len(model.keep[block - 1]) if block else model.n_tokens, added, record["error"],
-                 ", ".join(f"{m} {e:.5f}" for m, e in errors.items()), epsilon)
+            log.warning(
+                "patch_slimming: block %d: no group met epsilon %.4g (best %.4g); keeping all %d tokens "
+                "with the original block",
+                block,
+                epsilon,
+                min(s[cfg.error_target] for s in steps),
+                len(keep),
+            )
+        model.set_schedule({"keep": model.keep[:block] + [keep] + model.keep[block + 1 :], "source": "search_partial"})
+        record = {
+            "block": block,
+            "tokens": len(keep),
+            "added": added,
+            "error": errors[cfg.error_target],
+            **{f"error_{mode}": e for mode, e in errors.items()},
+            "steps": steps,
+            "score_ids": score_ids.tolist(),
+            "ranking": candidates,
+        }
+        log.info(
+            "patch_slimming: block %d keeps %d/%d tokens (+%d candidates), error %.5f (%s; eps %.4g)",
+            block,
+            len(keep),
+            len(model.keep[block - 1]) if block else model.n_tokens,
+            added,
+            record["error"],
+            ", ".join(f"{m} {e:.5f}" for m, e in errors.items()),
+            epsilon,
+        )
         self.ctx.log({"search/block": block, "search/tokens": len(keep), "search/error": record["error"]})
         return record
 
     def _loader(self, ids: Sequence[int], batch_size: int) -> DataLoader:
         workers = int(self.ctx.datamodule.cfg.get("num_workers", 0))
-        return DataLoader(Subset(self.data, [int(i) for i in ids]), batch_size=batch_size, shuffle=False,
-                          num_workers=workers)
+        return DataLoader(
+            Subset(self.data, [int(i) for i in ids]), batch_size=batch_size, shuffle=False, num_workers=workers
+        )
 
     @torch.no_grad()
     def mean_score(self, block: int, ids: Sequence[int]) -> list[float]:
@@ -699,7 +830,7 @@ class BlockProblem:
     def _batches(self, z: torch.Tensor, order: torch.Tensor | None = None):
         rows = torch.arange(len(z)) if order is None else order
         for i in range(0, len(z), self.batch_size):
-            yield z[rows[i:i + self.batch_size]].to(self.device, torch.float32)
+            yield z[rows[i : i + self.batch_size]].to(self.device, torch.float32)
 
     @torch.no_grad()
     def errors(self, z: torch.Tensor, index: torch.Tensor, index_next: torch.Tensor) -> dict[str, float]:
@@ -713,8 +844,9 @@ class BlockProblem:
                 acc[1] += t.pow(2).sum().item()
         return {mode: num / den for mode, (num, den) in sums.items()}
 
-    def finetune(self, z: torch.Tensor | None, cfg: Config, index: torch.Tensor, index_next: torch.Tensor,
-                 seed: int) -> None:
+    def finetune(
+        self, z: torch.Tensor | None, cfg: Config, index: torch.Tensor, index_next: torch.Tensor, seed: int
+    ) -> None:
         """Spec A4: only block l trains (AdamW, cosine over block_epochs, no decay, clip 1.0); weights carry over.
 
         A fresh optimiser per step [R]: the moments of the previous token set do not describe the new one. ``z`` is
@@ -726,7 +858,9 @@ class BlockProblem:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(params, lr=cfg.block_lr, weight_decay=cfg.block_weight_decay)
         total = cfg.block_epochs * math.ceil(len(z) / self.batch_size)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total))
+        )
         generator = torch.Generator().manual_seed(seed)
         with torch.enable_grad():
             for _ in range(cfg.block_epochs):

@@ -19,8 +19,9 @@ import copy
 import itertools
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,10 @@ class Config(ReducerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.stage_blocks or any(b < 1 for b in self.stage_blocks):
-            raise ValueError(f"reducer.stage_blocks={list(self.stage_blocks)} needs one or more stages of >= 1 block "
-                             "each, e.g. [6,2,2,2] for a 12-block backbone")
+            raise ValueError(
+                f"reducer.stage_blocks={list(self.stage_blocks)} needs one or more stages of >= 1 block "
+                "each, e.g. [6,2,2,2] for a 12-block backbone"
+            )
         if not 0 < self.keep_ratio <= 1:
             raise ValueError(f"reducer.keep_ratio={self.keep_ratio} must be in (0, 1]; the paper uses 0.5")
         for knob in ("token_weight", "kd_weight"):
@@ -77,8 +80,9 @@ class Config(ReducerConfig):
         if self.rtsm_lr_mult <= 0:
             raise ValueError(f"reducer.rtsm_lr_mult={self.rtsm_lr_mult} must be > 0; the paper uses 5")
         if self.teacher is not None and not self.teacher.strip():
-            raise ValueError("reducer.teacher is empty; give a checkpoint path, or null to distil from the "
-                             "student's initial weights")
+            raise ValueError(
+                "reducer.teacher is empty; give a checkpoint path, or null to distil from the student's initial weights"
+            )
 
 
 def check_teacher(cfg: Mapping[str, Any]) -> None:
@@ -90,10 +94,12 @@ def check_teacher(cfg: Mapping[str, Any]) -> None:
         return
     if backbone.get("pretrained") or backbone.get("checkpoint"):
         return
-    raise ValueError("reducer=sit would distil from a randomly initialised teacher (no reducer.teacher, "
-                     "backbone.pretrained=false, no backbone.checkpoint): pass reducer.teacher=<trained checkpoint>, "
-                     "or backbone.pretrained=true / backbone.checkpoint=<weights>, or set "
-                     "reducer.allow_random_teacher=true")
+    raise ValueError(
+        "reducer=sit would distil from a randomly initialised teacher (no reducer.teacher, "
+        "backbone.pretrained=false, no backbone.checkpoint): pass reducer.teacher=<trained checkpoint>, "
+        "or backbone.pretrained=true / backbone.checkpoint=<weights>, or set "
+        "reducer.allow_random_teacher=true"
+    )
 
 
 def stage_tokens(n_patches: int, num_stages: int, keep_ratio: float) -> list[int]:
@@ -150,7 +156,9 @@ class ReverseTokenSlimming(nn.Module):
 
 
 def forward_with_token_maps(
-    vit: VisionTransformer, images: torch.Tensor, tsms: Mapping[str, TokenSlimming],
+    vit: VisionTransformer,
+    images: torch.Tensor,
+    tsms: Mapping[str, TokenSlimming],
     tsm_weights: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits and each block's patch-token output (pre-final-norm residual stream, CLS excluded, after the TSM that
@@ -170,8 +178,10 @@ def forward_with_token_maps(
 
 def stage_splits(depth: int, num_stages: int) -> list[list[int]]:
     """Every way to cut ``depth`` blocks into ``num_stages`` non-empty stages, in order."""
-    return [[b - a for a, b in zip((0, *cuts), (*cuts, depth))]
-            for cuts in itertools.combinations(range(1, depth), num_stages - 1)]
+    return [
+        [b - a for a, b in zip((0, *cuts), (*cuts, depth))]
+        for cuts in itertools.combinations(range(1, depth), num_stages - 1)
+    ]
 
 
 def example_split(depth: int, num_stages: int) -> list[int]:
@@ -194,14 +204,18 @@ class SiT(TokenReducer):
         super().__init__(vit, cfg)
         depth, num_stages = len(vit.blocks), len(cfg.stage_blocks)
         if num_stages > depth:
-            raise ValueError(f"reducer.stage_blocks has {num_stages} stages but the backbone has only {depth} "
-                             f"blocks; use at most {depth} stages, e.g. {example_split(depth, min(4, depth))}")
+            raise ValueError(
+                f"reducer.stage_blocks has {num_stages} stages but the backbone has only {depth} "
+                f"blocks; use at most {depth} stages, e.g. {example_split(depth, min(4, depth))}"
+            )
         target = self.target_gmacs()
         if target is None:
             if sum(cfg.stage_blocks) != depth:
-                raise ValueError(f"reducer.stage_blocks={list(cfg.stage_blocks)} sums to {sum(cfg.stage_blocks)} but "
-                                 f"the backbone has {depth} blocks; make it sum to {depth}, e.g. "
-                                 f"{example_split(depth, num_stages)}")
+                raise ValueError(
+                    f"reducer.stage_blocks={list(cfg.stage_blocks)} sums to {sum(cfg.stage_blocks)} but "
+                    f"the backbone has {depth} blocks; make it sum to {depth}, e.g. "
+                    f"{example_split(depth, num_stages)}"
+                )
             self._build(list(cfg.stage_blocks), cfg.keep_ratio)
         else:
             self._build(*self._fit_budget(target, num_stages))
@@ -212,12 +226,14 @@ class SiT(TokenReducer):
         n_patches, dim = self.vit.patch_embed.num_patches, self.vit.embed_dim
         layout = self._layout(stage_blocks, keep_ratio)
         self.stage_blocks, self.keep_ratio = stage_blocks, keep_ratio
-        self.tsms = nn.ModuleDict({str(i): TokenSlimming(dim, n_out)
-                                   for i, (_, n_out) in enumerate(layout) if n_out is not None})
+        self.tsms = nn.ModuleDict(
+            {str(i): TokenSlimming(dim, n_out) for i, (_, n_out) in enumerate(layout) if n_out is not None}
+        )
         # A block's output is counted after the TSM that follows it, so a stage's last block already needs an RTSM.
         outputs = [n_in if n_out is None else n_out for n_in, n_out in layout]
-        self.rtsms = nn.ModuleDict({str(i): ReverseTokenSlimming(n, n_patches, dim)
-                                    for i, n in enumerate(outputs) if n < n_patches})
+        self.rtsms = nn.ModuleDict(
+            {str(i): ReverseTokenSlimming(n, n_patches, dim) for i, n in enumerate(outputs) if n < n_patches}
+        )
         # trunc-normal(.02) weights, zero biases: the slimmed tokens start near the global mean token (spec §5.2).
         self.tsms.apply(init_weights_vit_timm)
         self.rtsms.apply(init_weights_vit_timm)
@@ -227,11 +243,16 @@ class SiT(TokenReducer):
         n_patches = self.vit.patch_embed.num_patches
         tokens = stage_tokens(n_patches, len(stage_blocks), keep_ratio)
         if tokens[-1] < 1:
-            raise ValueError(f"reducer.keep_ratio={keep_ratio} leaves no tokens in stage {tokens.index(0)} "
-                             f"(tokens per stage {tokens} from {n_patches} patches); raise keep_ratio or use fewer "
-                             "stages")
-        return [(tokens[k], tokens[k + 1] if j == n_blocks - 1 and k + 1 < len(tokens) else None)
-                for k, n_blocks in enumerate(stage_blocks) for j in range(n_blocks)]
+            raise ValueError(
+                f"reducer.keep_ratio={keep_ratio} leaves no tokens in stage {tokens.index(0)} "
+                f"(tokens per stage {tokens} from {n_patches} patches); raise keep_ratio or use fewer "
+                "stages"
+            )
+        return [
+            (tokens[k], tokens[k + 1] if j == n_blocks - 1 and k + 1 < len(tokens) else None)
+            for k, n_blocks in enumerate(stage_blocks)
+            for j in range(n_blocks)
+        ]
 
     def _cost(self, stage_blocks: list[int], keep_ratio: float) -> ModelCost:
         dim, prefix = self.vit.embed_dim, self.vit.num_prefix_tokens
@@ -257,11 +278,14 @@ class SiT(TokenReducer):
         achieved = self._cost(split, r).gmacs
         if abs(achieved - target) > BUDGET_TOLERANCE * target:
             # e.g. a target at or above the unreduced backbone: even keep_ratio 1 costs more (the TSMs add work)
-            raise ValueError(f"reducer target {target:.3f} GMACs is out of reach: the closest is {achieved:.3f} GMACs "
-                             f"(stage_blocks={split}, keep_ratio={r:.3g}); set a target below the unreduced "
-                             f"backbone's {TokenReducer.cost(self).gmacs:.3f} GMACs")
-        log.info("reducer=sit: target %.3f GMACs -> stage_blocks=%s keep_ratio=%.4g (%.3f GMACs)",
-                 target, split, r, achieved)
+            raise ValueError(
+                f"reducer target {target:.3f} GMACs is out of reach: the closest is {achieved:.3f} GMACs "
+                f"(stage_blocks={split}, keep_ratio={r:.3g}); set a target below the unreduced "
+                f"backbone's {TokenReducer.cost(self).gmacs:.3f} GMACs"
+            )
+        log.info(
+            "reducer=sit: target %.3f GMACs -> stage_blocks=%s keep_ratio=%.4g (%.3f GMACs)", target, split, r, achieved
+        )
         return split, r
 
     def cost(self) -> ModelCost:
@@ -313,7 +337,7 @@ class SiT(TokenReducer):
     def phases(self) -> list[Phase]:
         return [Phase("train", run=self._start_from_teacher)]
 
-    def _start_from_teacher(self, ctx: "PhaseContext") -> None:
+    def _start_from_teacher(self, ctx: PhaseContext) -> None:
         """Self-slimming: the student's backbone starts from the teacher's weights; TSMs and RTSMs stay fresh."""
         if self.cfg.teacher:
             load_backbone_checkpoint(self.vit, self.cfg.teacher)
@@ -346,13 +370,22 @@ class SiT(TokenReducer):
         with torch.no_grad():
             teacher_logits, teacher_maps = forward_with_token_maps(teacher, images, {})
         # Blocks that still hold all N tokens are compared directly (identity), as in the official code.
-        token_mse = torch.stack([
-            F.mse_loss(self.rtsms[str(i)](z) if str(i) in self.rtsms else z, t)
-            for i, (z, t) in enumerate(zip(student_maps, teacher_maps))
-        ]).mean()
+        token_mse = torch.stack(
+            [
+                F.mse_loss(self.rtsms[str(i)](z) if str(i) in self.rtsms else z, t)
+                for i, (z, t) in enumerate(zip(student_maps, teacher_maps))
+            ]
+        ).mean()
         tau = self.cfg.kd_temperature
-        kl = F.kl_div(F.log_softmax(logits / tau, dim=-1), F.log_softmax(teacher_logits / tau, dim=-1),
-                      reduction="batchmean", log_target=True) * tau**2
+        kl = (
+            F.kl_div(
+                F.log_softmax(logits / tau, dim=-1),
+                F.log_softmax(teacher_logits / tau, dim=-1),
+                reduction="batchmean",
+                log_target=True,
+            )
+            * tau**2
+        )
         return logits, {
             "ce": criterion(logits, targets),
             "token_mse": self.cfg.token_weight * token_mse,

@@ -16,8 +16,9 @@ popped from shared state, so every forward is independent of the previous one.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +27,16 @@ from torch import nn
 
 from tokred.flops import BlockCost, ModelCost, head_macs, num_tokens, stem_macs
 from tokred.reducers import register_reducer
-from tokred.reducers.base import Phase, TrainingFreeConfig, TokenMap, TokenReducer
+from tokred.reducers.base import Phase, TokenMap, TokenReducer, TrainingFreeConfig
 from tokred.vit_ops import (
-    UnsupportedBackbone, attend, check_standard_vit, classify, embed, gather_tokens, mlp_residual, project_qkv,
+    UnsupportedBackbone,
+    attend,
+    check_standard_vit,
+    classify,
+    embed,
+    gather_tokens,
+    mlp_residual,
+    project_qkv,
 )
 
 POOLS = ("token", "avg")
@@ -53,8 +61,10 @@ class Config(TrainingFreeConfig):
         if self.r < 0:
             raise ValueError(f"reducer.r={self.r} must be >= 0 (tokens merged per block; the paper's DeiT-S uses 13)")
         if not -1 <= self.inflection <= 1:
-            raise ValueError(f"reducer.inflection={self.inflection} must be in [-1, 1] "
-                             "(-1: from 2r down to 0, 0: constant r, 1: from 0 up to 2r)")
+            raise ValueError(
+                f"reducer.inflection={self.inflection} must be in [-1, 1] "
+                "(-1: from 2r down to 0, 0: constant r, 1: from 0 up to 2r)"
+            )
         if self.r_list is not None:
             if any(r < 0 for r in self.r_list):
                 raise ValueError(f"reducer.r_list={list(self.r_list)} must hold per-block counts >= 0")
@@ -128,16 +138,14 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: int = 1) ->
     # Protected A tokens score -inf, so they rank last and, being the lowest positions, lead the sorted rest.
     kept_a = order[:, r:].sort(dim=-1).values[:, protected_a:]
     arange = torch.arange(t, device=metric.device)
-    kept_b = arange[2 * protected_b + 1::2].expand(b, -1)
+    kept_b = arange[2 * protected_b + 1 :: 2].expand(b, -1)
     keep = torch.cat([arange[:protected].expand(b, -1), 2 * kept_a, kept_b], dim=1)
     # B token j lands after the prefix and the unmerged A tokens.
     dst = protected + kept_a.shape[1] + partner.gather(1, order[:, :r]) - protected_b
     return Match(keep, 2 * order[:, :r], dst)
 
 
-def merge_wavg(
-    match: Match, x: torch.Tensor, size: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_wavg(match: Match, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average of every merged group, and the summed sizes (B, T - r, 1); ``size`` None is all ones.
 
     Written as destination + sum of s_i (x_i - destination) / S over its sources, which equals the official
@@ -191,13 +199,16 @@ class ToMe(TokenReducer):
         super().__init__(vit, cfg)
         check_standard_vit(vit, self.name)
         if vit.global_pool not in POOLS:
-            raise UnsupportedBackbone(f"reducer=tome supports global_pool token or avg (size-weighted), got "
-                                      f"{vit.global_pool!r}; set backbone.kwargs.global_pool")
+            raise UnsupportedBackbone(
+                f"reducer=tome supports global_pool token or avg (size-weighted), got "
+                f"{vit.global_pool!r}; set backbone.kwargs.global_pool"
+            )
         self.protected = vit.num_prefix_tokens
         depth = len(vit.blocks)
         target = self.target_gmacs()
-        schedule = parse_schedule(cfg.r, cfg.inflection, cfg.r_list, depth) if target is None else \
-            self._meet_budget(target)
+        schedule = (
+            parse_schedule(cfg.r, cfg.inflection, cfg.r_list, depth) if target is None else self._meet_budget(target)
+        )
         self.schedule = merge_counts(num_tokens(vit), self.protected, schedule)
 
     # ---------------------------------------------------------------- budget and cost
@@ -209,8 +220,7 @@ class ToMe(TokenReducer):
         for blk, r in zip(vit.blocks, merge_counts(n, self.protected, schedule)):
             width = blk.attn.attn_dim
             matching = (n + 1) // 2 * (n // 2) * blk.attn.head_dim if r else 0
-            blocks.append(BlockCost(n, n, vit.embed_dim, width, width, blk.mlp.fc1.out_features, matching,
-                                    n_mlp=n - r))
+            blocks.append(BlockCost(n, n, vit.embed_dim, width, width, blk.mlp.fc1.out_features, matching, n_mlp=n - r))
             n -= r
         return ModelCost(blocks, stem_macs(vit), head_macs(vit), tokens_per_block=[b.n_q for b in blocks])
 
@@ -231,18 +241,25 @@ class ToMe(TokenReducer):
         gmacs = lambda schedule: self._cost(schedule).gmacs  # noqa: E731
         lowest, highest = gmacs([most] * depth), gmacs([0] * depth)
         if not lowest <= target <= highest:
-            raise ValueError(f"reducer target {target:.4g} GMACs is out of ToMe's reach on this backbone: "
-                             f"{lowest:.4g} (every block merges its maximum) to {highest:.4g} (r = 0); "
-                             "choose reducer.target_gmacs/target_ratio in that range")
+            raise ValueError(
+                f"reducer target {target:.4g} GMACs is out of ToMe's reach on this backbone: "
+                f"{lowest:.4g} (every block merges its maximum) to {highest:.4g} (r = 0); "
+                "choose reducer.target_gmacs/target_ratio in that range"
+            )
         base = max(r for r in range(most + 1) if gmacs([r] * depth) >= target)
-        candidates = [[base + (i < k) + (i == e) for i in range(depth)]
-                      for k in range(depth) for e in (-1, *range(k, depth))]
+        candidates = [
+            [base + (i < k) + (i == e) for i in range(depth)] for k in range(depth) for e in (-1, *range(k, depth))
+        ]
         best = max((s for s in candidates if gmacs(s) <= target), key=gmacs)
         if gmacs(best) < (1 - BUDGET_RTOL) * target:
             best = self._climb(best, target, gmacs)
         if gmacs(best) < (1 - BUDGET_RTOL) * target:
-            warnings.warn(f"tome: no schedule costs within {BUDGET_RTOL:.0%} below {target:.4g} GMACs on this "
-                          f"backbone (too few tokens); using {gmacs(best):.4g}", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"tome: no schedule costs within {BUDGET_RTOL:.0%} below {target:.4g} GMACs on this "
+                f"backbone (too few tokens); using {gmacs(best):.4g}",
+                UserWarning,
+                stacklevel=2,
+            )
         return best
 
     def _climb(self, schedule: list[int], target: float, gmacs: Callable[[list[int]], float]) -> list[int]:
@@ -323,6 +340,8 @@ class ToMe(TokenReducer):
         if "schedule" in structure:
             schedule = [int(r) for r in structure["schedule"]]
             if len(schedule) != len(self.vit.blocks):
-                raise ValueError(f"tome: the stored schedule has {len(schedule)} blocks, the backbone "
-                                 f"{len(self.vit.blocks)}; rebuild with the checkpoint's backbone")
+                raise ValueError(
+                    f"tome: the stored schedule has {len(schedule)} blocks, the backbone "
+                    f"{len(self.vit.blocks)}; rebuild with the checkpoint's backbone"
+                )
             self.schedule = merge_counts(num_tokens(self.vit), self.protected, schedule)

@@ -21,8 +21,8 @@ A location that would keep every token does nothing (no scoring), so ``keep_rate
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from torch import nn
 from tokred.flops import BlockCost, ModelCost, head_macs, num_tokens, stem_macs
 from tokred.pruning import Selection, attention_with_cls_row, head_mean_scores, prune, track
 from tokred.reducers import register_reducer
-from tokred.reducers.base import Phase, TrainingFreeConfig, TokenMap, TokenReducer
+from tokred.reducers.base import Phase, TokenMap, TokenReducer, TrainingFreeConfig
 from tokred.vit_ops import block_forward, check_standard_vit, classify, embed, mlp_residual
 
 COUNT_MODES = ("relative_ceil", "absolute_floor")
@@ -57,8 +57,9 @@ class Config(TrainingFreeConfig):
             raise ValueError(f"reducer.keep_rate={self.keep_rate} must be in (0, 1] (the papers use 0.7)")
         locations = list(self.locations)
         if not locations or any(b < 0 for b in locations) or locations != sorted(set(locations)):
-            raise ValueError(f"reducer.locations={locations} must list distinct 0-based blocks in increasing order, "
-                             "e.g. [3,6,9]")
+            raise ValueError(
+                f"reducer.locations={locations} must list distinct 0-based blocks in increasing order, e.g. [3,6,9]"
+            )
         if self.count_mode not in COUNT_MODES:
             raise ValueError(f"reducer.count_mode={self.count_mode!r}; choose one of: {', '.join(COUNT_MODES)}")
 
@@ -84,8 +85,9 @@ class TopK(TokenReducer):
         check_standard_vit(vit, self.name)
         depth = len(vit.blocks)
         if cfg.locations[-1] >= depth:
-            raise ValueError(f"reducer.locations={list(cfg.locations)} must be below the backbone depth {depth} "
-                             "(0-based blocks)")
+            raise ValueError(
+                f"reducer.locations={list(cfg.locations)} must be below the backbone depth {depth} (0-based blocks)"
+            )
         self._rank = {block: i for i, block in enumerate(cfg.locations)}
         target = self.target_gmacs()
         if target is not None:
@@ -102,8 +104,10 @@ class TopK(TokenReducer):
             if block in self._rank:
                 k = keep_count(cfg.count_mode, keep_rate, n - 1, n_patches, self._rank[block])
                 if k < 1:
-                    raise ValueError(f"reducer.keep_rate={keep_rate} keeps no patch token at block {block} "
-                                     f"(count_mode={cfg.count_mode}); raise it or use fewer reducer.locations")
+                    raise ValueError(
+                        f"reducer.keep_rate={keep_rate} keeps no patch token at block {block} "
+                        f"(count_mode={cfg.count_mode}); raise it or use fewer reducer.locations"
+                    )
                 if k == n - 1:
                     k = None
                 else:
@@ -146,9 +150,11 @@ class TopK(TokenReducer):
         best = max(below, key=lambda rate: (costs[rate], rate)) if below else None
         if best is None or costs[best] < (1 - BUDGET_TOLERANCE) * target:
             low, high = min(costs.values()), max(costs.values())
-            raise ValueError(f"reducer target {target:.4g} GMACs is out of reach by keep_rate alone at "
-                             f"locations={list(self.cfg.locations)} ({low:.4g}..{high:.4g} GMACs in steps); change "
-                             "the target or reducer.locations")
+            raise ValueError(
+                f"reducer target {target:.4g} GMACs is out of reach by keep_rate alone at "
+                f"locations={list(self.cfg.locations)} ({low:.4g}..{high:.4g} GMACs in steps); change "
+                "the target or reducer.locations"
+            )
         self.cfg.keep_rate = best
 
     # ---------------------------------------------------------------- forward

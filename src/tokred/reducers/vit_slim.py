@@ -38,8 +38,17 @@ from torch import nn
 from tokred.flops import BlockCost, ModelCost, bisect_budget, count_params, head_macs, stem_macs
 from tokred.reducers import register_reducer
 from tokred.reducers.base import Criterion, ParamGroup, Phase, ReducerConfig, TokenMap, TokenReducer
-from tokred.vit_ops import (UnsupportedBackbone, attend, check_standard_vit, classify, embed, gather_tokens,
-                            mlp_residual, project_qkv, split_heads)
+from tokred.vit_ops import (
+    UnsupportedBackbone,
+    attend,
+    check_standard_vit,
+    classify,
+    embed,
+    gather_tokens,
+    mlp_residual,
+    project_qkv,
+    split_heads,
+)
 
 if TYPE_CHECKING:  # importing the training package at module load would be circular
     from tokred.training.phases import PhaseContext
@@ -56,17 +65,21 @@ TOKEN_MASK_INIT = 3.0
 class Budget:
     """Fractions kept of each mask type, ranked globally over all blocks (the paper's "budget")."""
 
-    attn: float = 0.7   # (head, dim) slots of q/k/v
-    mlp: float = 0.7    # MLP hidden units
+    attn: float = 0.7  # (head, dim) slots of q/k/v
+    mlp: float = 0.7  # MLP hidden units
     patch: float = 1.0  # patch tokens over all blocks (CLS is always kept)
 
     def __post_init__(self) -> None:
-        for knob, what in (("attn", "attention (head, dim) slots"), ("mlp", "MLP hidden units"),
-                           ("patch", "patch tokens")):
+        for knob, what in (
+            ("attn", "attention (head, dim) slots"),
+            ("mlp", "MLP hidden units"),
+            ("patch", "patch tokens"),
+        ):
             value = getattr(self, knob)
             if not 0 < value <= 1:
-                raise ValueError(f"reducer.budget.{knob}={value} must be in (0, 1]: the fraction of {what} kept "
-                                 "(1 keeps all)")
+                raise ValueError(
+                    f"reducer.budget.{knob}={value} must be in (0, 1]: the fraction of {what} kept (1 keeps all)"
+                )
 
 
 @dataclass
@@ -88,7 +101,7 @@ class Config(ReducerConfig):
     phases: list[str] = field(default_factory=lambda: list(PHASES))
     init_checkpoint: Optional[str] = None  # phases/<phase>.pt the first phase in `phases` starts from
     search_epochs: int = 50
-    search_lr: float = 5e-4            # constant (no warm-up, decay or batch scaling), as the official search
+    search_lr: float = 5e-4  # constant (no warm-up, decay or batch scaling), as the official search
     search_weight_decay: float = 1e-3
     retrain_epochs: Optional[int] = None  # None: trainer.max_epochs
 
@@ -97,46 +110,60 @@ class Config(ReducerConfig):
         if self.token_rule not in TOKEN_RULES:
             raise ValueError(f"reducer.token_rule={self.token_rule!r}; choose one of: {', '.join(TOKEN_RULES)}")
         if len(self.l1_weights) != 3 or any(w < 0 for w in self.l1_weights):
-            raise ValueError(f"reducer.l1_weights={list(self.l1_weights)} must be three weights >= 0 "
-                             "[attention, MLP, token], e.g. [2e-4, 5e-5, 1e-4]")
+            raise ValueError(
+                f"reducer.l1_weights={list(self.l1_weights)} must be three weights >= 0 "
+                "[attention, MLP, token], e.g. [2e-4, 5e-5, 1e-4]"
+            )
         unknown = [p for p in self.phases if p not in PHASES]
         if unknown or not self.phases:
             raise ValueError(f"reducer.phases={list(self.phases)}: choose a non-empty subset of {list(PHASES)}")
         if list(self.phases) != sorted(set(self.phases), key=PHASES.index):
-            raise ValueError(f"reducer.phases={list(self.phases)} must be in pipeline order without repeats: "
-                             f"a subset of {list(PHASES)}")
+            raise ValueError(
+                f"reducer.phases={list(self.phases)} must be in pipeline order without repeats: "
+                f"a subset of {list(PHASES)}"
+            )
         if self.phases[0] != "search" and not self.init_checkpoint:
             source = "search" if self.phases[0] == "extract" else "extract"
-            raise ValueError(f"reducer.phases starts at {self.phases[0]!r} but reducer.init_checkpoint is not set; "
-                             f"set it to <run_dir>/phases/{source}.pt of an earlier run")
+            raise ValueError(
+                f"reducer.phases starts at {self.phases[0]!r} but reducer.init_checkpoint is not set; "
+                f"set it to <run_dir>/phases/{source}.pt of an earlier run"
+            )
         if self.search_epochs < 1:
-            raise ValueError(f"reducer.search_epochs={self.search_epochs} must be >= 1 (to skip the search, drop "
-                             "it from reducer.phases and set reducer.init_checkpoint)")
+            raise ValueError(
+                f"reducer.search_epochs={self.search_epochs} must be >= 1 (to skip the search, drop "
+                "it from reducer.phases and set reducer.init_checkpoint)"
+            )
         if self.search_lr <= 0 or self.search_weight_decay < 0:
-            raise ValueError(f"reducer.search_lr={self.search_lr} must be > 0 and reducer.search_weight_decay="
-                             f"{self.search_weight_decay} >= 0")
+            raise ValueError(
+                f"reducer.search_lr={self.search_lr} must be > 0 and reducer.search_weight_decay="
+                f"{self.search_weight_decay} >= 0"
+            )
         if self.retrain_epochs is not None and self.retrain_epochs < 1:
-            raise ValueError(f"reducer.retrain_epochs={self.retrain_epochs} must be >= 1, or null for "
-                             "trainer.max_epochs")
+            raise ValueError(
+                f"reducer.retrain_epochs={self.retrain_epochs} must be >= 1, or null for trainer.max_epochs"
+            )
 
 
 @dataclass
 class Keep:
     """A discrete structure: what each block keeps."""
 
-    attn: torch.Tensor    # (L, H, d) bool: (head, dim) slots of q, k and v
-    mlp: torch.Tensor     # (L, M) bool: hidden units
+    attn: torch.Tensor  # (L, H, d) bool: (head, dim) slots of q, k and v
+    mlp: torch.Tensor  # (L, M) bool: hidden units
     tokens: torch.Tensor  # (L, P) bool: patch tokens entering the block
 
     def to_json(self) -> dict[str, Any]:
         indices = lambda t: t.nonzero().flatten().tolist()
-        return {"attn": [[indices(head) for head in block] for block in self.attn],
-                "mlp": [indices(block) for block in self.mlp],
-                "tokens": [indices(block) for block in self.tokens]}
+        return {
+            "attn": [[indices(head) for head in block] for block in self.attn],
+            "mlp": [indices(block) for block in self.mlp],
+            "tokens": [indices(block) for block in self.tokens],
+        }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> "Keep":
+    def from_json(cls, data: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> Keep:
         """Inverse of :meth:`to_json`, checked against the backbone's shapes (a foreign or edited file fails)."""
+
         def rows(lists: Any, shape: tuple[int, ...], what: str) -> torch.Tensor:
             out = torch.zeros(shape, dtype=torch.bool)
             try:
@@ -150,13 +177,14 @@ class Keep:
                     else:
                         out[i, row] = True
             except (TypeError, ValueError) as err:
-                raise ValueError(f"vit_slim structure: bad {what} lists ({err}); is the checkpoint from another "
-                                 "backbone?") from None
+                raise ValueError(
+                    f"vit_slim structure: bad {what} lists ({err}); is the checkpoint from another backbone?"
+                ) from None
             return out
 
         return cls(*(rows(data.get(k, []), shapes[k], k) for k in ("attn", "mlp", "tokens")))
 
-    def equal(self, other: "Keep") -> bool:
+    def equal(self, other: Keep) -> bool:
         return all(torch.equal(a, b) for a, b in zip(asdict(self).values(), asdict(other).values()))
 
 
@@ -236,8 +264,9 @@ def _grouped_attention(attn: nn.Module, layout: _SlimLayout, h: torch.Tensor) ->
         if full_qk:
             dims = layout.dims[span].view(n_heads, w)
             qg, kg = _to_full_head_width(qg, dims, attn.head_dim), _to_full_head_width(kg, dims, attn.head_dim)
-        out = F.scaled_dot_product_attention(attn.q_norm(qg), attn.k_norm(kg), vg, scale=attn.scale,
-                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            attn.q_norm(qg), attn.k_norm(kg), vg, scale=attn.scale, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )
         outputs.append(out.transpose(1, 2).flatten(2))
         start += n_heads * w
     return attn.proj_drop(attn.proj(torch.cat(outputs, dim=-1)))
@@ -255,16 +284,21 @@ def _check_backbone(vit: nn.Module) -> None:
         # A norm over the pruned axis (attention scale-norm, MLP norm) sees the zeros of pruned slots in the search:
         # removing the slots would change its statistics, so the slim model could not equal the masked one.
         if type(blk.mlp) is not Mlp or not isinstance(blk.mlp.norm, nn.Identity):
-            raise UnsupportedBackbone(f"reducer=vit_slim: block {i} has a {type(blk.mlp).__name__} MLP with a "
-                                      "hidden norm or gating; choose a ViT/DeiT backbone with timm's plain Mlp")
+            raise UnsupportedBackbone(
+                f"reducer=vit_slim: block {i} has a {type(blk.mlp).__name__} MLP with a "
+                "hidden norm or gating; choose a ViT/DeiT backbone with timm's plain Mlp"
+            )
         if not isinstance(blk.attn.norm, nn.Identity):
-            raise UnsupportedBackbone(f"reducer=vit_slim: block {i} normalises the attention output (scale_norm), "
-                                      "which slimmed heads cannot reproduce; choose a backbone without it")
+            raise UnsupportedBackbone(
+                f"reducer=vit_slim: block {i} normalises the attention output (scale_norm), "
+                "which slimmed heads cannot reproduce; choose a backbone without it"
+            )
     if len(hidden) != 1:
         raise UnsupportedBackbone(f"reducer=vit_slim needs one MLP width in all blocks, got {sorted(hidden)}")
     if getattr(vit, "dynamic_img_size", False):
-        raise UnsupportedBackbone("reducer=vit_slim learns one mask per patch position; set a fixed img_size "
-                                  "(dynamic_img_size=False)")
+        raise UnsupportedBackbone(
+            "reducer=vit_slim learns one mask per patch position; set a fixed img_size (dynamic_img_size=False)"
+        )
 
 
 def effective_l1_weights(cfg: Config, world_size: int) -> tuple[float, float, float]:
@@ -286,8 +320,11 @@ class ViTSlim(TokenReducer):
         super().__init__(vit, cfg)
         first = vit.blocks[0]
         depth, heads, head_dim = len(vit.blocks), first.attn.num_heads, first.attn.head_dim
-        self.shapes = {"attn": (depth, heads, head_dim), "mlp": (depth, first.mlp.fc1.out_features),
-                       "tokens": (depth, vit.patch_embed.num_patches)}
+        self.shapes = {
+            "attn": (depth, heads, head_dim),
+            "mlp": (depth, first.mlp.fc1.out_features),
+            "tokens": (depth, vit.patch_embed.num_patches),
+        }
         # Raw masks, no activation for attention/MLP (init 1); tanh of the token masks. CLS has no token mask, so
         # it can never be pruned (the official code's 197-entry mask could prune it).
         self.mask_attn = nn.Parameter(torch.ones(self.shapes["attn"]))
@@ -351,8 +388,13 @@ class ViTSlim(TokenReducer):
         return [ParamGroup("vit_slim_masks", self._masks(), weight_decay=None if self.cfg.mask_weight_decay else 0.0)]
 
     def phases(self) -> list[Phase]:
-        search_optim = {"scheduler": "constant", "lr": self.cfg.search_lr, "lr_batch": None,
-                        "weight_decay": self.cfg.search_weight_decay, "warmup_epochs": 0}
+        search_optim = {
+            "scheduler": "constant",
+            "lr": self.cfg.search_lr,
+            "lr_batch": None,
+            "weight_decay": self.cfg.search_weight_decay,
+            "warmup_epochs": 0,
+        }
         steps = {
             "search": Phase("search", self.cfg.search_epochs, self._run_search, search_optim),
             "extract": Phase("extract", 0, self._run_extract),
@@ -360,7 +402,7 @@ class ViTSlim(TokenReducer):
         }
         return [steps[name] for name in self.cfg.phases]
 
-    def _start(self, ctx: "PhaseContext", phase: str) -> None:
+    def _start(self, ctx: PhaseContext, phase: str) -> None:
         """Load ``reducer.init_checkpoint`` when ``phase`` is the first one configured (a phase run alone)."""
         path = self.cfg.init_checkpoint
         if not path or phase != self.cfg.phases[0]:
@@ -368,43 +410,60 @@ class ViTSlim(TokenReducer):
         from tokred.training.phases import load_phase
 
         if not Path(path).is_file():
-            raise FileNotFoundError(f"reducer.init_checkpoint={path!r} does not exist; point it at "
-                                    "<run_dir>/phases/<phase>.pt of an earlier run")
+            raise FileNotFoundError(
+                f"reducer.init_checkpoint={path!r} does not exist; point it at "
+                "<run_dir>/phases/<phase>.pt of an earlier run"
+            )
         try:
             load_phase(self, Path(path))
         except (RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as err:
-            raise ValueError(f"reducer.init_checkpoint={path!r} cannot be loaded ({str(err).splitlines()[0]}); it "
-                             "must be a <run_dir>/phases/<phase>.pt of a run with this backbone") from None
+            raise ValueError(
+                f"reducer.init_checkpoint={path!r} cannot be loaded ({str(err).splitlines()[0]}); it "
+                "must be a <run_dir>/phases/<phase>.pt of a run with this backbone"
+            ) from None
         self.phase = phase
 
-    def _run_search(self, ctx: "PhaseContext") -> None:
+    def _run_search(self, ctx: PhaseContext) -> None:
         self._start(ctx, "search")
         if self.slim:
-            raise ValueError("reducer=vit_slim: the search needs the masked full model, but the model is already "
-                             "extracted; point reducer.init_checkpoint at a phases/search.pt")
+            raise ValueError(
+                "reducer=vit_slim: the search needs the masked full model, but the model is already "
+                "extracted; point reducer.init_checkpoint at a phases/search.pt"
+            )
         if not (ctx.cfg.backbone.get("pretrained") or ctx.cfg.backbone.get("checkpoint") or self.cfg.init_checkpoint):
-            log.warning("vit_slim: searching from a randomly initialised backbone; the method slims a converged "
-                        "model (set backbone.pretrained=true or backbone.checkpoint=PATH)")
+            log.warning(
+                "vit_slim: searching from a randomly initialised backbone; the method slims a converged "
+                "model (set backbone.pretrained=true or backbone.checkpoint=PATH)"
+            )
 
-    def _run_extract(self, ctx: "PhaseContext") -> None:
+    def _run_extract(self, ctx: PhaseContext) -> None:
         from tokred.export import save_deployable
 
         self._start(ctx, "extract")
         if self.slim:
-            raise ValueError("reducer=vit_slim: extract needs a searched (masked) model, but the model is already "
-                             "extracted; point reducer.init_checkpoint at a phases/search.pt")
+            raise ValueError(
+                "reducer=vit_slim: extract needs a searched (masked) model, but the model is already "
+                "extracted; point reducer.init_checkpoint at a phases/search.pt"
+            )
         self.extract()
         cost, kept = self.cost(), self.kept_fractions()
-        log.info("vit_slim: extracted at budget %s: kept %s, %.3f GMACs, %.2f M params", self.slim_budget, kept,
-                 cost.gmacs, count_params(self) / 1e6)
+        log.info(
+            "vit_slim: extracted at budget %s: kept %s, %.3f GMACs, %.2f M params",
+            self.slim_budget,
+            kept,
+            cost.gmacs,
+            count_params(self) / 1e6,
+        )
         ctx.log({"extract/gmacs": cost.gmacs, **{f"extract/kept_{k}": v for k, v in kept.items()}})
         save_deployable(self, ctx.phase_dir("extract"), OmegaConf.to_container(ctx.cfg, resolve=True))
 
-    def _run_retrain(self, ctx: "PhaseContext") -> None:
+    def _run_retrain(self, ctx: PhaseContext) -> None:
         self._start(ctx, "retrain")
         if not self.slim:
-            raise ValueError("reducer=vit_slim: retrain needs an extracted model; put extract before it in "
-                             "reducer.phases or set reducer.init_checkpoint=<run_dir>/phases/extract.pt")
+            raise ValueError(
+                "reducer=vit_slim: retrain needs an extracted model; put extract before it in "
+                "reducer.phases or set reducer.init_checkpoint=<run_dir>/phases/extract.pt"
+            )
 
     # ---------------------------------------------------------------- extraction
     def budget(self) -> Budget:
@@ -416,9 +475,11 @@ class ViTSlim(TokenReducer):
         gmacs_at = lambda b: self._cost(self._select(b, b, patch)).gmacs
         low, high = gmacs_at(0.0), gmacs_at(1.0)
         if not low * 0.97 <= target <= high * 1.03:
-            raise ValueError(f"the target of {target:.3f} GMACs (reducer.target_gmacs / target_ratio) cannot be met: "
-                             f"vit_slim spans {low:.3f}..{high:.3f} GMACs at reducer.budget.patch={patch}; change the "
-                             "target or budget.patch")
+            raise ValueError(
+                f"the target of {target:.3f} GMACs (reducer.target_gmacs / target_ratio) cannot be met: "
+                f"vit_slim spans {low:.3f}..{high:.3f} GMACs at reducer.budget.patch={patch}; change the "
+                "target or budget.patch"
+            )
         b = max(bisect_budget(gmacs_at, target, 0.0, 1.0, tol=1e-4), 1e-4)  # > 0: a valid Budget
         return Budget(b, b, patch)
 
@@ -426,9 +487,11 @@ class ViTSlim(TokenReducer):
     def _select(self, attn: float, mlp: float, patch: float) -> Keep:
         """Rank each mask type over all blocks and keep its top fraction (raw values, tanh for tokens)."""
         tokens = _top_fraction(torch.tanh(self.mask_tokens.detach().float().cpu()), patch)
-        return Keep(_top_fraction(self.mask_attn.detach().float().cpu(), attn),
-                    _top_fraction(self.mask_mlp.detach().float().cpu(), mlp),
-                    _monotone_tokens(tokens, self.cfg.token_rule))
+        return Keep(
+            _top_fraction(self.mask_attn.detach().float().cpu(), attn),
+            _top_fraction(self.mask_mlp.detach().float().cpu(), mlp),
+            _monotone_tokens(tokens, self.cfg.token_rule),
+        )
 
     def current_keep(self) -> Keep:
         """The slim model's structure, or while searching the one extraction would give now."""
@@ -452,8 +515,9 @@ class ViTSlim(TokenReducer):
             widths = k_attn.sum(-1).tolist()
             heads = sorted((h for h in range(len(widths)) if widths[h]), key=lambda h: (widths[h], h))
             dims = torch.cat([k_attn[h].nonzero().flatten() for h in heads] or [torch.zeros(0, dtype=torch.long)])
-            channels = torch.cat([h * head_dim + k_attn[h].nonzero().flatten() for h in heads]
-                                 or [torch.zeros(0, dtype=torch.long)])
+            channels = torch.cat(
+                [h * head_dim + k_attn[h].nonzero().flatten() for h in heads] or [torch.zeros(0, dtype=torch.long)]
+            )
             attn.qkv = _sub_linear(attn.qkv, rows=torch.cat([s * attn.attn_dim + channels for s in range(3)]))
             attn.proj = _sub_linear(attn.proj, cols=channels)
             units = k_mlp.nonzero().flatten()
@@ -528,4 +592,3 @@ class ViTSlim(TokenReducer):
             self.slim_budget = data.get("budget")
         elif not self.keep.equal(keep):
             raise ValueError("vit_slim: the checkpoint's extracted structure differs from this model's")
-

@@ -4,8 +4,9 @@ the ``logger`` group: config entries with a ``_target_``, built with Hydra's ins
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -28,8 +29,10 @@ def instantiated(where: str, make: Callable[[], T]) -> T:
         return make()
     except InstantiationException as wrapped:
         if str(wrapped).startswith("Error locating target"):
-            raise ConfigError(f"{where}._target_ cannot be imported ({_one_line(wrapped.__cause__ or wrapped)}); "
-                              "give the full dotted path of an installed class or function") from None
+            raise ConfigError(
+                f"{where}._target_ cannot be imported ({_one_line(wrapped.__cause__ or wrapped)}); "
+                "give the full dotted path of an installed class or function"
+            ) from None
         err = wrapped.__cause__ or wrapped
     except (ImportError, TypeError, ValueError) as raw:  # from calling a partial, or a class built outside Hydra
         err = raw
@@ -54,19 +57,23 @@ def build_callbacks(cfg: Mapping[str, Any] | None, dirpath: Path | None = None) 
             continue
         where = f"callbacks.{name}"
         if not isinstance(entry, Mapping) or "_target_" not in entry:
-            raise ConfigError(f"{where} has no _target_; give the class to build ({where}._target_=<dotted path>) "
-                              f"or drop the entry with ~{where}")
+            raise ConfigError(
+                f"{where} has no _target_; give the class to build ({where}._target_=<dotted path>) "
+                f"or drop the entry with ~{where}"
+            )
         if entry.get("_partial_", False):
             if dirpath is None:
                 continue
-            factory = instantiated(where, lambda: instantiate(entry, _convert_="all"))
-            built = instantiated(where, lambda: factory(dirpath))
+            # instantiated() calls each lambda at once, inside this iteration (hence the noqa: B023)
+            factory = instantiated(where, lambda: instantiate(entry, _convert_="all"))  # noqa: B023
+            built = instantiated(where, lambda: factory(dirpath))  # noqa: B023
         else:
-            built = instantiated(where, lambda: instantiate(entry, _convert_="all"))
+            built = instantiated(where, lambda: instantiate(entry, _convert_="all"))  # noqa: B023
         for callback in built if isinstance(built, list) else [built]:
             if not isinstance(callback, Callback):
-                raise ConfigError(f"{where}._target_={entry['_target_']} built a {type(callback).__name__}, not a "
-                                  "Lightning Callback")
+                raise ConfigError(
+                    f"{where}._target_={entry['_target_']} built a {type(callback).__name__}, not a Lightning Callback"
+                )
             callbacks.append(callback)
     return callbacks
 

@@ -13,8 +13,9 @@ import inspect
 import netrc
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 from hydra.utils import instantiate
@@ -77,13 +78,19 @@ class RunWandbLogger(RunLogger, WandbLogger):
     """A wandb run under ``<save_dir>/wandb``; the final summary holds the run's headline numbers. ``mode``: see
     :func:`wandb_mode`; ``name`` defaults to the run directory's name, ``id`` to the run directory's wandb id."""
 
-    def __init__(self, save_dir: str, mode: str = "auto", name: str | None = None, id: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, save_dir: str, mode: str = "auto", name: str | None = None, id: str | None = None, **kwargs: Any
+    ) -> None:
         mode = wandb_mode(mode)
         if mode not in ("online", "offline", "disabled"):
             raise ConfigError(f"logger.mode={mode!r}; choose one of: auto, online, offline, disabled")
-        super().__init__(save_dir=save_dir, mode=mode, name=name or Path(save_dir).name,
-                         id=id or _wandb_run_id(Path(save_dir)), **kwargs)
+        super().__init__(
+            save_dir=save_dir,
+            mode=mode,
+            name=name or Path(save_dir).name,
+            id=id or _wandb_run_id(Path(save_dir)),
+            **kwargs,
+        )
 
     @rank_zero_only
     def finish(self, summary: Mapping[str, Any]) -> None:
@@ -158,8 +165,10 @@ def build_logger(cfg: Mapping[str, Any] | None, run_dir: Path) -> Logger | None:
     if not cfg:
         return None
     if "_target_" not in cfg:
-        raise ConfigError(f"logger has no _target_; choose logger=<one of: {', '.join(group_choices('logger'))}> or "
-                          "logger=null, or give logger._target_=<a Lightning Logger class>")
+        raise ConfigError(
+            f"logger has no _target_; choose logger=<one of: {', '.join(group_choices('logger'))}> or "
+            "logger=null, or give logger._target_=<a Lightning Logger class>"
+        )
     factory = instantiated("logger", lambda: instantiate(cfg, _partial_=True, _convert_="all"))
     if not (isinstance(factory.func, type) and issubclass(factory.func, Logger)):
         raise ConfigError(f"logger._target_={cfg['_target_']} is not a Lightning Logger class")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
+from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from tokred.backbones import create_backbone, freeze
@@ -82,7 +83,7 @@ class TokredModule(L.LightningModule):
         ema.requires_grad_(False)  # not optimised; DDP must not wait for its gradients
         return ema
 
-    def train(self, mode: bool = True) -> "TokredModule":
+    def train(self, mode: bool = True) -> TokredModule:
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()  # Lightning puts the whole module in train mode each epoch; the teacher stays frozen
@@ -96,7 +97,9 @@ class TokredModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         trainer = self.trainer
-        global_batch = trainer.world_size * trainer.accumulate_grad_batches * int(self.trainer.datamodule.cfg["batch_size"])
+        global_batch = (
+            trainer.world_size * trainer.accumulate_grad_batches * int(self.trainer.datamodule.cfg["batch_size"])
+        )
         self.model.on_fit_start(global_batch, trainer.max_epochs)
 
     def on_train_epoch_start(self) -> None:
@@ -160,8 +163,10 @@ class TokredModule(L.LightningModule):
         max_epochs = max(int(self.trainer.max_epochs), 1)
         updates_per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // max_epochs)
         scheduler = build_scheduler(optimizer, self.optim_cfg, max_epochs, updates_per_epoch)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": scheduler_interval(self.optim_cfg)}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": scheduler_interval(self.optim_cfg)},
+        }
 
     def lr_scheduler_step(self, scheduler: Scheduler, metric: Any) -> None:
         # Lightning calls this after the last batch of each epoch ("epoch") or after each optimiser update ("step"),

@@ -9,7 +9,8 @@ backbone at 0.01x).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from timm.scheduler import create_scheduler_v2
@@ -34,8 +35,16 @@ def build_param_groups(model: TokenReducer, lr: float, weight_decay: float) -> l
             peak = lr * spec.peak_lr_mult
             # timm's schedulers run each group from its "initial_lr" and multiply by "lr_scale"; "lr" is what the
             # group trains at without a scheduler, and the schedule's start with one.
-            groups.append({"name": spec.name, "params": params, "lr": peak * spec.lr_mult, "initial_lr": peak,
-                           "lr_scale": spec.lr_mult, "weight_decay": wd})
+            groups.append(
+                {
+                    "name": spec.name,
+                    "params": params,
+                    "lr": peak * spec.lr_mult,
+                    "initial_lr": peak,
+                    "lr_scale": spec.lr_mult,
+                    "weight_decay": wd,
+                }
+            )
     skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -49,11 +58,14 @@ def build_param_groups(model: TokenReducer, lr: float, weight_decay: float) -> l
 
 def build_optimizer(model: TokenReducer, cfg: Mapping[str, Any], lr: float) -> torch.optim.Optimizer:
     groups = build_param_groups(model, lr, float(cfg["weight_decay"]))
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=float(cfg.get("eps", 1e-8)))
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=tuple(cfg.get("betas", (0.9, 0.999))), eps=float(cfg.get("eps", 1e-8))
+    )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], max_epochs: int,
-                    updates_per_epoch: int) -> Scheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], max_epochs: int, updates_per_epoch: int
+) -> Scheduler:
     """timm's scheduler for a fit of ``max_epochs``: the cosine spans ``max_epochs - cooldown_epochs`` epochs (timm's
     ``num_epochs``; the warm-up is inside it unless ``warmup_prefix``), then ``min_lr`` until the end.
 
@@ -62,8 +74,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], ma
     """
     cooldown = int(cfg.get("cooldown_epochs", 0))
     if not 0 <= cooldown < max_epochs:
-        raise ValueError(f"optim.cooldown_epochs={cooldown} must be >= 0 and below the fit's {max_epochs} epochs "
-                         "(trainer.max_epochs or the phase's epochs); lower optim.cooldown_epochs or train longer")
+        raise ValueError(
+            f"optim.cooldown_epochs={cooldown} must be >= 0 and below the fit's {max_epochs} epochs "
+            "(trainer.max_epochs or the phase's epochs); lower optim.cooldown_epochs or train longer"
+        )
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=str(cfg.get("scheduler", "cosine")),

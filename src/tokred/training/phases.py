@@ -26,9 +26,10 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,12 +81,24 @@ def checkpoint_dir(run_dir: Path, phase: str) -> Path:
     return run_dir / "checkpoints" / phase
 
 
-def save_phase(model: TokenReducer, run_dir: Path, phase: str, meta: Mapping[str, Any] | None = None,
-               step: int = 0, metrics: Mapping[str, float] | None = None) -> None:
+def save_phase(
+    model: TokenReducer,
+    run_dir: Path,
+    phase: str,
+    meta: Mapping[str, Any] | None = None,
+    step: int = 0,
+    metrics: Mapping[str, float] | None = None,
+) -> None:
     """Snapshot a finished phase: tensors, structure, the config to rebuild the model (``meta``), the run's
     cumulative optimizer step and the phase's metrics."""
-    payload = {"phase": phase, "structure": model.structure(), "state_dict": model.state_dict(),
-               "tokred": dict(meta or {}), "global_step": int(step), "metrics": dict(metrics or {})}
+    payload = {
+        "phase": phase,
+        "structure": model.structure(),
+        "state_dict": model.state_dict(),
+        "tokred": dict(meta or {}),
+        "global_step": int(step),
+        "metrics": dict(metrics or {}),
+    }
     atomic_write(phase_checkpoint(run_dir, phase), lambda p: _torch_save(payload, p))
 
 
@@ -112,8 +125,12 @@ def wait_for_phase(model: TokenReducer, run_dir: Path, phase: str) -> dict[str, 
     started = next_note = time.monotonic()
     while not path.is_file():
         if time.monotonic() >= next_note:
-            log.info("waiting for rank 0 to finish phase %r (%s), %.0f min so far", phase, path,
-                     (time.monotonic() - started) / 60)
+            log.info(
+                "waiting for rank 0 to finish phase %r (%s), %.0f min so far",
+                phase,
+                path,
+                (time.monotonic() - started) / 60,
+            )
             next_note += 600
         time.sleep(POLL_S)
     return load_phase(model, path)
@@ -206,8 +223,9 @@ class InterruptCheckpoint(Callback):
             self._restore()
             raise KeyboardInterrupt
         self.requested = signum
-        log.warning("%s: saving a checkpoint after this step (press Ctrl-C again to exit at once)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s: saving a checkpoint after this step (press Ctrl-C again to exit at once)", signal.Signals(signum).name
+        )
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -248,8 +266,9 @@ def checkpoint_callbacks(directory: Path, every_n_train_steps: int) -> list[Call
         InterruptCheckpoint(directory / "last.ckpt"),
     ]
     if every_n_train_steps > 0:
-        callbacks.append(_FiniteCheckpoint(filename="last", save_top_k=1, every_n_train_steps=every_n_train_steps,
-                                           **common))
+        callbacks.append(
+            _FiniteCheckpoint(filename="last", save_top_k=1, every_n_train_steps=every_n_train_steps, **common)
+        )
     return callbacks
 
 
@@ -258,8 +277,10 @@ def check_checkpoint(path: Path, meta: Mapping[str, Any]) -> None:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("tokred") or {}
     except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__}); it is truncated or not a "
-                              "tokred checkpoint: pass another ckpt_path, e.g. the run's best.ckpt") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(err).__name__}); it is truncated or not a "
+            "tokred checkpoint: pass another ckpt_path, e.g. the run's best.ckpt"
+        ) from None
     check_compatible(saved, meta, path)
 
 
@@ -294,13 +315,34 @@ RECORD = "_tokred"  # run_config.json's entry for what the config does not say (
 # Keys that do not change what a run computes: where things go, how they are logged and drawn (the callbacks that
 # only save or watch; early stopping does change it), resume pointers, the re-launch policy, CPU threads and
 # data-loading processes.
-NO_EFFECT = ("ckpt_path", "paths", "logger", "checkpoint", "visualize", "sweep_name", "sweep", "verbose", "threads",
-             "dataset.num_workers", "callbacks.checkpoints", "callbacks.progress_bar", "callbacks.lr_monitor",
-             "callbacks.throughput_monitor")
+NO_EFFECT = (
+    "ckpt_path",
+    "paths",
+    "logger",
+    "checkpoint",
+    "visualize",
+    "sweep_name",
+    "sweep",
+    "verbose",
+    "threads",
+    "dataset.num_workers",
+    "callbacks.checkpoints",
+    "callbacks.progress_bar",
+    "callbacks.lr_monitor",
+    "callbacks.throughput_monitor",
+)
 # What may differ between a run and its resume: the above, the hardware, and the number of epochs (to extend a run).
 # Anything else would make the run's record describe weights it did not train.
-MAY_CHANGE_ON_RESUME = (*NO_EFFECT, "trainer.max_epochs", "trainer.devices", "trainer.num_nodes",
-                        "trainer.accelerator", "trainer.strategy", "reducer.finetune_epochs", "reducer.retrain_epochs")
+MAY_CHANGE_ON_RESUME = (
+    *NO_EFFECT,
+    "trainer.max_epochs",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.accelerator",
+    "trainer.strategy",
+    "reducer.finetune_epochs",
+    "reducer.retrain_epochs",
+)
 # Compared by content rather than by path: the same file moved elsewhere is the same input, and another file written
 # over the old path is not.
 BY_CONTENT = ("backbone.checkpoint",)
@@ -311,8 +353,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
         return {prefix: tree}
     flat: dict[str, Any] = {}
     for key, value in tree.items():
-        flat |= _flatten(value, f"{prefix}{key}.") if isinstance(value, Mapping) and value else {
-            f"{prefix}{key}": value}
+        flat |= (
+            _flatten(value, f"{prefix}{key}.") if isinstance(value, Mapping) and value else {f"{prefix}{key}": value}
+        )
     return flat
 
 
@@ -385,8 +428,10 @@ def run_inputs(cfg: DictConfig, datamodule: ImageDataModule, run_dir: Path) -> d
     (:func:`dataset_identity`)."""
     stored = _stored(run_dir)
     known = (stored[1].get("inputs") or {}).get("backbone.checkpoint") if stored else None
-    return {"backbone.checkpoint": file_identity(cfg.backbone.get("checkpoint"), known),
-            "dataset": dataset_identity(datamodule)}
+    return {
+        "backbone.checkpoint": file_identity(cfg.backbone.get("checkpoint"), known),
+        "dataset": dataset_identity(datamodule),
+    }
 
 
 def config_hash(config: Mapping[str, Any], checkpoint: Mapping[str, Any] | None) -> str:
@@ -402,8 +447,11 @@ def record_config(cfg: DictConfig, run_dir: Path, inputs: Mapping[str, Any]) -> 
     and the identity of the inputs (:func:`run_inputs`) under ``_tokred``: a resume is checked against them, and a
     re-launch of the finished run compares its hash and version (:func:`finished_changes`)."""
     config = OmegaConf.to_container(cfg, resolve=True)
-    record = {"version": tokred_version(), "config_hash": config_hash(config, inputs.get("backbone.checkpoint")),
-              "inputs": dict(inputs)}
+    record = {
+        "version": tokred_version(),
+        "config_hash": config_hash(config, inputs.get("backbone.checkpoint")),
+        "inputs": dict(inputs),
+    }
     atomic_write_json(run_dir / RUN_CONFIG, {**config, RECORD: record})
 
 
@@ -413,13 +461,17 @@ def _describe_checkpoint(was: Mapping[str, Any] | None, now: Mapping[str, Any] |
             return "none"
         content = "missing" if identity["sha256"] is None else f"sha256 {identity['sha256'][:12]}"
         return f"{identity['path']} ({content})"
+
     return f"backbone.checkpoint {one(was)} (now {one(now)})"
 
 
 def _describe_dataset(was: Mapping[str, Any], now: Mapping[str, Any]) -> str:
     def one(identity: Mapping[str, Any]) -> str:
-        return (f"{identity['num_classes']} classes, {identity['train']['images']} training and "
-                f"{identity['val']['images']} validation images")
+        return (
+            f"{identity['num_classes']} classes, {identity['train']['images']} training and "
+            f"{identity['val']['images']} validation images"
+        )
+
     same_counts = one(was) == one(now)
     return f"a dataset of {one(was)} (now {'the same counts, but other files or labels' if same_counts else one(now)})"
 
@@ -438,9 +490,11 @@ def check_resumed_config(cfg: DictConfig, run_dir: Path, inputs: Mapping[str, An
     # Runs recorded before inputs had an identity compare the checkpoint by path.
     changed = _changed(was, now, (*MAY_CHANGE_ON_RESUME, *(BY_CONTENT if recorded else ())))
     if changed:
-        raise ConfigError(f"{run_dir} was trained with {_shown(was, now, changed)}; resume it with those settings, or "
-                          "drop ckpt_path to start a new run (on resume only "
-                          f"{', '.join(MAY_CHANGE_ON_RESUME)} may change)")
+        raise ConfigError(
+            f"{run_dir} was trained with {_shown(was, now, changed)}; resume it with those settings, or "
+            "drop ckpt_path to start a new run (on resume only "
+            f"{', '.join(MAY_CHANGE_ON_RESUME)} may change)"
+        )
     if not recorded:
         return
     differences = []
@@ -450,9 +504,11 @@ def check_resumed_config(cfg: DictConfig, run_dir: Path, inputs: Mapping[str, An
     if recorded.get("dataset") not in (None, inputs.get("dataset")):
         differences.append(_describe_dataset(recorded["dataset"], inputs["dataset"]))
     if differences:
-        raise ConfigError(f"{run_dir} was trained on other inputs: {'; '.join(differences)}; restore them (a moved "
-                          "checkpoint may have a new path, not new content), or train into a new run directory "
-                          "(drop ckpt_path or hydra.run.dir)")
+        raise ConfigError(
+            f"{run_dir} was trained on other inputs: {'; '.join(differences)}; restore them (a moved "
+            "checkpoint may have a new path, not new content), or train into a new run directory "
+            "(drop ckpt_path or hydra.run.dir)"
+        )
 
 
 def finished_changes(cfg: DictConfig, run_dir: Path) -> list[str]:
@@ -502,14 +558,22 @@ def finished_result(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         log.info("%s exists: run finished earlier, nothing to do (delete %s to train it again)", finished, run_dir)
         return summary
     if rerun_policy(cfg) == "never":
-        log.warning("%s finished earlier, but since then %s: returning its stored result marked stale (train it "
-                    "again with sweep.rerun=changed, which keeps the earlier results beside it)", run_dir,
-                    "; ".join(changes))
+        log.warning(
+            "%s finished earlier, but since then %s: returning its stored result marked stale (train it "
+            "again with sweep.rerun=changed, which keeps the earlier results beside it)",
+            run_dir,
+            "; ".join(changes),
+        )
         return {**summary, "stale": changes}
     if rank_zero_only.rank == 0:  # the other ranks of a DDP job train in the directory rank 0 starts anew
         old = set_aside(run_dir)
-        log.warning("%s finished earlier, but since then %s: training it again (sweep.rerun=changed); the earlier "
-                    "results are in %s", run_dir, "; ".join(changes), old)
+        log.warning(
+            "%s finished earlier, but since then %s: training it again (sweep.rerun=changed); the earlier "
+            "results are in %s",
+            run_dir,
+            "; ".join(changes),
+            old,
+        )
     return None
 
 
@@ -549,7 +613,7 @@ class RunLock:
         self.path = Path(run_dir) / ".lock"
         self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             try:
@@ -568,12 +632,15 @@ class RunLock:
             holder = {}
         pid, host = holder.get("pid"), holder.get("host")
         if host == self.owner["host"] and isinstance(pid, int) and not _alive(pid):
-            log.warning("taking over %s: its owner (pid %d, since %s) is no longer running", self.path, pid,
-                        holder.get("since"))
+            log.warning(
+                "taking over %s: its owner (pid %d, since %s) is no longer running", self.path, pid, holder.get("since")
+            )
             self.path.unlink(missing_ok=True)
             return
-        raise ConfigError(f"{self.path.parent} is in use by pid {pid} on {host} since {holder.get('since')}; wait for "
-                          f"it to finish or pass another hydra.run.dir (if that process is gone, delete {self.path})")
+        raise ConfigError(
+            f"{self.path.parent} is in use by pid {pid} on {host} since {holder.get('since')}; wait for "
+            f"it to finish or pass another hydra.run.dir (if that process is gone, delete {self.path})"
+        )
 
     def __exit__(self, *exc: Any) -> None:
         self.path.unlink(missing_ok=True)
@@ -617,20 +684,26 @@ def find_resume(ckpt_path: str | None, runs_root: Path) -> tuple[Path | None, Pa
     if ckpt_path == "last":
         runs = [d for d in runs_root.iterdir() if d.is_dir() and _has_checkpoints(d)] if runs_root.is_dir() else []
         if not runs:
-            raise ConfigError(f"ckpt_path=last: no run under {runs_root} has saved progress yet; drop ckpt_path to "
-                              "start a new run, or pass ckpt_path=<run dir or .ckpt file>")
+            raise ConfigError(
+                f"ckpt_path=last: no run under {runs_root} has saved progress yet; drop ckpt_path to "
+                "start a new run, or pass ckpt_path=<run dir or .ckpt file>"
+            )
         return max(runs, key=_newest_checkpoint_time), None
     path = Path(ckpt_path).expanduser().resolve()
     if path.is_dir():
         if not _has_checkpoints(path):
-            raise ConfigError(f"ckpt_path={path} has no saved progress (checkpoints/<phase>/*.ckpt, phases/); pass "
-                              "a run directory of tokred-train, a .ckpt file, or ckpt_path=last")
+            raise ConfigError(
+                f"ckpt_path={path} has no saved progress (checkpoints/<phase>/*.ckpt, phases/); pass "
+                "a run directory of tokred-train, a .ckpt file, or ckpt_path=last"
+            )
         return path, None
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist; pass a run directory, a .ckpt file or ckpt_path=last")
     if path.suffix != ".ckpt":
-        raise ConfigError(f"ckpt_path={path} is not a Lightning .ckpt; to start from model weights use "
-                          "backbone.checkpoint=PATH instead")
+        raise ConfigError(
+            f"ckpt_path={path} is not a Lightning .ckpt; to start from model weights use "
+            "backbone.checkpoint=PATH instead"
+        )
     if path.parent.parent.name == "checkpoints":
         return path.parents[2], path
     return None, path

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -34,8 +35,21 @@ from tokred.training.loggers import build_logger
 from tokred.training.module import NonFiniteLossError, TokredModule
 from tokred.training.optim import effective_lr
 from tokred.training.phases import (
-    AtomicCheckpointIO, PhaseContext, Progress, RunLock, check_checkpoint, check_resumed_config, checkpoint_dir,
-    find_resume, finished_result, progress, record_config, rerun_policy, run_inputs, save_phase, wait_for_phase,
+    AtomicCheckpointIO,
+    PhaseContext,
+    Progress,
+    RunLock,
+    check_checkpoint,
+    check_resumed_config,
+    checkpoint_dir,
+    find_resume,
+    finished_result,
+    progress,
+    record_config,
+    rerun_policy,
+    run_inputs,
+    save_phase,
+    wait_for_phase,
 )
 from tokred.visualize import token_map_callbacks
 
@@ -52,8 +66,11 @@ def model_stats(model: TokenReducer, img_size: int, counted: bool = True) -> dic
     counter on a forward pass (the cross-check, a few seconds on a CPU)."""
     cost = model.cost()
     deploy = model.deployable()
-    stats = {"model/gmacs": cost.gmacs, "model/params_m": count_params(deploy) / 1e6,
-             "model/tokens_per_block": cost.tokens_per_block}
+    stats = {
+        "model/gmacs": cost.gmacs,
+        "model/params_m": count_params(deploy) / 1e6,
+        "model/tokens_per_block": cost.tokens_per_block,
+    }
     if counted:
         stats["model/gmacs_counted"] = counted_gmacs(deploy, img_size)
     return stats
@@ -71,21 +88,31 @@ def model_meta(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
     }
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, logger: Logger | None, callbacks: Sequence[Callback] = (),
-                  max_epochs: int | None = None) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    logger: Logger | None,
+    callbacks: Sequence[Callback] = (),
+    max_epochs: int | None = None,
+) -> L.Trainer:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if max_epochs is not None:
         trainer_cfg["max_epochs"] = max_epochs
     return L.Trainer(
-        default_root_dir=run_dir, logger=logger if logger is not None else False, callbacks=list(callbacks),
+        default_root_dir=run_dir,
+        logger=logger if logger is not None else False,
+        callbacks=list(callbacks),
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_model_summary=False, plugins=[AtomicCheckpointIO()],
-        use_distributed_sampler=not uses_own_sampler(cfg.dataset), **trainer_cfg,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=not uses_own_sampler(cfg.dataset),
+        **trainer_cfg,
     )
 
 
-def evaluate(model: TokenReducer, datamodule: ImageDataModule, cfg: DictConfig, run_dir: Path,
-             logger: Logger | None = None) -> dict[str, float]:
+def evaluate(
+    model: TokenReducer, datamodule: ImageDataModule, cfg: DictConfig, run_dir: Path, logger: Logger | None = None
+) -> dict[str, float]:
     """val/acc1, val/acc5, val/loss of ``model`` over the whole validation split and, where the dataset has a test
     split, test/acc1, test/acc5, test/loss over it (all ranks, metrics synced); logged as one row at the logger's
     current step."""
@@ -109,9 +136,17 @@ def _device(cfg: DictConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _fit(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, phase: Phase, run_dir: Path,
-         logger: Logger | None, meta: dict[str, Any], ckpt: Path | None,
-         extra_callbacks: Sequence[Callback] = ()) -> tuple[int, dict[str, float]]:
+def _fit(
+    cfg: DictConfig,
+    model: TokenReducer,
+    datamodule: ImageDataModule,
+    phase: Phase,
+    run_dir: Path,
+    logger: Logger | None,
+    meta: dict[str, Any],
+    ckpt: Path | None,
+    extra_callbacks: Sequence[Callback] = (),
+) -> tuple[int, dict[str, float]]:
     """One phase's Lightning fit; returns its global step count and its metrics (with ``val/acc1_best``)."""
     optim = OmegaConf.to_container(cfg.optim, resolve=True) | phase.optim
     directory = checkpoint_dir(run_dir, phase.name)
@@ -120,9 +155,14 @@ def _fit(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, phas
     global_batch = int(cfg.dataset.batch_size) * trainer.world_size * int(cfg.trainer.get("accumulate_grad_batches", 1))
     label_smoothing = float(cfg.optim.get("label_smoothing", 0.0))
     module = TokredModule(
-        model, optim, datamodule.num_classes, lr=effective_lr(optim, global_batch), label_smoothing=label_smoothing,
+        model,
+        optim,
+        datamodule.num_classes,
+        lr=effective_lr(optim, global_batch),
+        label_smoothing=label_smoothing,
         mixup=build_mixup(cfg.dataset.get("aug") or {}, datamodule.num_classes, label_smoothing),
-        teacher=model.build_teacher(), meta=meta,
+        teacher=model.build_teacher(),
+        meta=meta,
     )
     ckpt = resume_point(run_dir, phase, ckpt)
     if ckpt is not None:
@@ -134,8 +174,9 @@ def _fit(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, phas
         where = f"last good checkpoint: {kept}" if kept.is_file() else "no checkpoint had been written yet"
         raise NonFiniteLossError(f"{err} ({where})") from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    best = next((c.best_model_score for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor == "val/acc1"),
-                None)
+    best = next(
+        (c.best_model_score for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor == "val/acc1"), None
+    )
     if best is not None:
         metrics["val/acc1_best"] = float(best)
     return trainer.global_step, metrics
@@ -155,18 +196,22 @@ def _phase_of(ckpt: Path | None, in_run_dir: bool, pending: list[Phase]) -> str 
     fitting = [p.name for p in pending if p.epochs != 0]
     phase = ckpt.parent.name if in_run_dir else (fitting[0] if fitting else None)
     if phase not in fitting:
-        raise ConfigError(f"ckpt_path={ckpt} belongs to phase {phase!r}, which has no fit left to resume "
-                          f"(still to train: {', '.join(fitting) or 'nothing'}); pass ckpt_path=<the run directory>")
+        raise ConfigError(
+            f"ckpt_path={ckpt} belongs to phase {phase!r}, which has no fit left to resume "
+            f"(still to train: {', '.join(fitting) or 'nothing'}); pass ckpt_path=<the run directory>"
+        )
     return phase
 
 
 def _log_config(logger: Logger, cfg: DictConfig, model: TokenReducer, stats: dict[str, Any]) -> None:
     """The full config plus the columns a dashboard compares runs by."""
-    logger.log_hyperparams({
-        **OmegaConf.to_container(cfg, resolve=True),
-        "reducer_knobs": model.knobs(),
-        **{k: v for k, v in stats.items() if k in ("model/gmacs", "model/params_m")},
-    })
+    logger.log_hyperparams(
+        {
+            **OmegaConf.to_container(cfg, resolve=True),
+            "reducer_knobs": model.knobs(),
+            **{k: v for k, v in stats.items() if k in ("model/gmacs", "model/params_m")},
+        }
+    )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -204,14 +249,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return _run_phases(cfg, model, datamodule, run_dir, state, meta, ckpt_file, ckpt_phase, token_maps)
 
 
-def _run_phases(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, run_dir: Path, state: Progress,
-                meta: dict[str, Any], ckpt_file: Path | None, ckpt_phase: str | None,
-                token_maps: Sequence[Callback]) -> dict[str, Any]:
+def _run_phases(
+    cfg: DictConfig,
+    model: TokenReducer,
+    datamodule: ImageDataModule,
+    run_dir: Path,
+    state: Progress,
+    meta: dict[str, Any],
+    ckpt_file: Path | None,
+    ckpt_phase: str | None,
+    token_maps: Sequence[Callback],
+) -> dict[str, Any]:
     """Every pending phase, then :func:`finish`; the caller holds the run directory."""
     logger = build_logger(cfg.get("logger"), run_dir)
     stats = model_stats(model, int(cfg.backbone.img_size), counted=False)  # the counted figure comes with the summary
-    log.info("model: %s + %s, %.3f GMACs, %.2f M params; run directory %s", cfg.backbone.model, cfg.reducer.name,
-             stats["model/gmacs"], stats["model/params_m"], run_dir)
+    log.info(
+        "model: %s + %s, %.3f GMACs, %.2f M params; run directory %s",
+        cfg.backbone.model,
+        cfg.reducer.name,
+        stats["model/gmacs"],
+        stats["model/params_m"],
+        run_dir,
+    )
     if logger is not None:
         _log_config(logger, cfg, model, stats)
     for phase in state.pending:
@@ -237,8 +296,9 @@ def _run_phases(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModul
     return finish(cfg, model, datamodule, run_dir, logger, state.step, state.metrics, token_maps)
 
 
-def degenerate(tokens_per_block: Sequence[int], num_prefix: int, acc1: float | None, num_classes: int,
-               num_val: int) -> list[str]:
+def degenerate(
+    tokens_per_block: Sequence[int], num_prefix: int, acc1: float | None, num_classes: int, num_val: int
+) -> list[str]:
     """Why a result should not be read as a working model: a block left with no patch token at all, or a top-1 within
     three standard errors of guessing (a chance-level classifier on ``num_val`` images). Empty when neither."""
     reasons = []
@@ -256,13 +316,22 @@ class IncompleteRunError(RuntimeError):
 
     def __init__(self, summary: dict[str, Any], failed: list[str]) -> None:
         self.summary = summary
-        super().__init__(f"training finished, but {'; '.join(failed)}. Everything else is in {summary['run_dir']} "
-                         "(summary.json lists what is missing)")
+        super().__init__(
+            f"training finished, but {'; '.join(failed)}. Everything else is in {summary['run_dir']} "
+            "(summary.json lists what is missing)"
+        )
 
 
-def finish(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, run_dir: Path,
-           logger: Logger | None, step: int, metrics: dict[str, float],
-           token_maps: Sequence[Callback] = ()) -> dict[str, Any]:
+def finish(
+    cfg: DictConfig,
+    model: TokenReducer,
+    datamodule: ImageDataModule,
+    run_dir: Path,
+    logger: Logger | None,
+    step: int,
+    metrics: dict[str, float],
+    token_maps: Sequence[Callback] = (),
+) -> dict[str, Any]:
     """Evaluate, count, export and summarise a trained model; return the summary (also written to summary.json).
 
     No step here may lose the trained run: each failure is logged and skipped, summary.json and export/ are written
@@ -285,25 +354,42 @@ def finish(cfg: DictConfig, model: TokenReducer, datamodule: ImageDataModule, ru
     # chosen on validation, so only the test numbers are untouched by model selection).
     final = attempt("the final evaluation", lambda: evaluate(model.deployable(), datamodule, cfg, run_dir, logger), {})
     if datamodule.test_set is None:
-        log.info("dataset %s has no test split: summary.json's test/acc1 and test/acc5 are null; val/acc1 is the "
-                 "reported figure (the same split chose the best checkpoint)", cfg.dataset.name)
+        log.info(
+            "dataset %s has no test split: summary.json's test/acc1 and test/acc5 are null; val/acc1 is the "
+            "reported figure (the same split chose the best checkpoint)",
+            cfg.dataset.name,
+        )
     stats = model_stats(model, img_size, counted=False)
-    stats |= attempt("counting FLOPs", lambda: {"model/gmacs_counted": counted_gmacs(model.deployable(), img_size)},
-                     {})
+    stats |= attempt("counting FLOPs", lambda: {"model/gmacs_counted": counted_gmacs(model.deployable(), img_size)}, {})
     summary = {
-        "backbone": cfg.backbone.name, "backbone_model": cfg.backbone.model, "reducer": cfg.reducer.name,
-        "reducer_knobs": model.knobs(), "dataset": cfg.dataset.name, **stats,
-        "val/acc1": final.get("val/acc1"), "val/acc5": final.get("val/acc5"),
-        "val/acc1_best": metrics.get("val/acc1_best"), "val/acc1_last_epoch": metrics.get("val/acc1"),
-        "test/acc1": final.get("test/acc1"), "test/acc5": final.get("test/acc5"),
-        "global_step": step, "run_dir": str(run_dir), "checkpoints": str(run_dir / "checkpoints"),
+        "backbone": cfg.backbone.name,
+        "backbone_model": cfg.backbone.model,
+        "reducer": cfg.reducer.name,
+        "reducer_knobs": model.knobs(),
+        "dataset": cfg.dataset.name,
+        **stats,
+        "val/acc1": final.get("val/acc1"),
+        "val/acc5": final.get("val/acc5"),
+        "val/acc1_best": metrics.get("val/acc1_best"),
+        "val/acc1_last_epoch": metrics.get("val/acc1"),
+        "test/acc1": final.get("test/acc1"),
+        "test/acc5": final.get("test/acc5"),
+        "global_step": step,
+        "run_dir": str(run_dir),
+        "checkpoints": str(run_dir / "checkpoints"),
         "logs": logger.location() if logger is not None else "none (logger=null)",
-        "degenerate": degenerate(stats["model/tokens_per_block"], model.vit.num_prefix_tokens, final.get("val/acc1"),
-                                 datamodule.num_classes, len(datamodule.val_set)),
+        "degenerate": degenerate(
+            stats["model/tokens_per_block"],
+            model.vit.num_prefix_tokens,
+            final.get("val/acc1"),
+            datamodule.num_classes,
+            len(datamodule.val_set),
+        ),
     }
     if summary["degenerate"]:
-        log.warning("degenerate result: %s (tokred-report leaves it off the Pareto front)",
-                    "; ".join(summary["degenerate"]))
+        log.warning(
+            "degenerate result: %s (tokred-report leaves it off the Pareto front)", "; ".join(summary["degenerate"])
+        )
     if rank_zero_only.rank == 0:
         config = OmegaConf.to_container(cfg, resolve=True)
         attempt("the export", lambda: save_deployable(model, run_dir / "export", config))
