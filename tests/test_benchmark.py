@@ -293,12 +293,13 @@ def test_compare_chains_sweeps_onto_the_baseline(tmp_path):
     (tmp_path / "sit" / "r0.5").mkdir(parents=True)
     (tmp_path / "sit" / "r0.5" / "summary.json").write_text("{}")
     steps = {s.name: s for s in compare.plan(cfg)}
-    assert list(steps)[0] == "baseline" and set(steps) == {"baseline", *REDUCERS}
+    per_budget = {"ats r=0.5", "ats r=0.65"}
+    assert list(steps)[0] == "baseline" and set(steps) == {"baseline", *REDUCERS} - {"ats"} | per_budget
     baseline = steps["baseline"]
     assert "reducer=none" in baseline.args and f"hydra.run.dir={tmp_path / 'none' / 'baseline'}" in baseline.args
     ckpt = f"'{tmp_path / 'none' / 'baseline' / 'export' / 'model.safetensors'}'"
     for name, step in steps.items():
-        if name == "baseline":
+        if name == "baseline" or name.startswith("ats"):
             continue
         assert step.args[0] == "-m" and f"reducer={name}" in step.args
         assert not any("${" in a for a in step.args if not a.startswith("hydra.sweep.subdir="))  # all resolved
@@ -310,3 +311,6 @@ def test_compare_chains_sweeps_onto_the_baseline(tmp_path):
     assert not any(a.startswith("backbone.checkpoint=") for a in steps["evo_vit"].args)  # from scratch
     assert "trainer.max_epochs=10" in steps["evo_vit"].args and "trainer.max_epochs=10" in baseline.args
     assert not baseline.done and not steps["sit"].done
+    ats = [step for name, step in steps.items() if name.startswith("ats")]  # budget_overrides: a multirun per budget
+    assert [s.run_dirs for s in ats] == [[tmp_path / "ats" / f"r{b}"] for b in BUDGETS]
+    assert "reducer.blocks=[5,6,7,8,9,10,11]" in ats[0].args and "reducer.target_ratio=0.5" in ats[0].args

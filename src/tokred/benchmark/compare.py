@@ -64,19 +64,26 @@ def plan(cfg: DictConfig) -> list[Step]:
             continue
         sweep = cfg.sweeps[name] if name in cfg.sweeps else cfg.default_sweep
         sweep_dir = runs_dir / name
-        # Hydra names a budget's directory r<target_ratio> (str of the float, as below).
-        todo = [float(b) for b in cfg.budgets if not (sweep_dir / f"r{float(b)}" / "summary.json").is_file()]
-        runs = [sweep_dir / f"r{float(b)}" for b in cfg.budgets]
-        args = [
-            "-m",
-            *common,
-            f"reducer={name}",
-            *sweep,
-            f"reducer.target_ratio={','.join(str(b) for b in todo)}",
-            f"hydra.sweep.dir={sweep_dir}",
-            "hydra.sweep.subdir=r${reducer.target_ratio}",
-        ]
-        steps.append(Step(name, args, runs))
+        # Budgets with their own extra overrides (budget_overrides) get a multirun each; the others share one.
+        extra = (cfg.get("budget_overrides") or {}).get(name) or {}
+        groups: dict[tuple[str, ...], list[float]] = {}
+        for budget in cfg.budgets:
+            groups.setdefault(tuple(extra.get(str(float(budget)), [])), []).append(float(budget))
+        for overrides, budgets in groups.items():
+            # Hydra names a budget's directory r<target_ratio> (str of the float, as below).
+            todo = [b for b in budgets if not (sweep_dir / f"r{b}" / "summary.json").is_file()]
+            args = [
+                "-m",
+                *common,
+                f"reducer={name}",
+                *sweep,
+                *overrides,
+                f"reducer.target_ratio={','.join(str(b) for b in todo)}",
+                f"hydra.sweep.dir={sweep_dir}",
+                "hydra.sweep.subdir=r${reducer.target_ratio}",
+            ]
+            label = name if len(groups) == 1 else f"{name} r={','.join(str(b) for b in budgets)}"
+            steps.append(Step(label, args, [sweep_dir / f"r{b}" for b in budgets]))
     return steps
 
 

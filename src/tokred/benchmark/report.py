@@ -215,7 +215,8 @@ def measure_runs(
 
 MD_COLUMNS: list[Column] = [
     ("reducer", lambda r: r["reducer"]),
-    ("point", lambda r: r["point"] + (f" ⚠ degenerate: {r['degenerate']}" if r["degenerate"] else "")),
+    # .get: rows kept from a report written before a column existed lack it
+    ("point", lambda r: r["point"] + (f" ⚠ degenerate: {r['degenerate']}" if r.get("degenerate") else "")),
     ("params (M)", lambda r: fmt(r["params_m"], ".2f")),
     ("GMACs", lambda r: fmt(r["gmacs"], ".4f")),
     ("GMACs ratio", lambda r: "–" if r["gmacs_ratio"] is None else f"{r['gmacs_ratio']:.2f}×"),
