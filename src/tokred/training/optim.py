@@ -78,9 +78,12 @@ def build_scheduler(
             f"optim.cooldown_epochs={cooldown} must be >= 0 and below the fit's {max_epochs} epochs "
             "(trainer.max_epochs or the phase's epochs); lower optim.cooldown_epochs or train longer"
         )
+    sched = str(cfg.get("scheduler", "cosine"))
+    # timm's own "constant" (newer releases) is its step schedule that never decays; spelled out, timm 1.0.28 has it too
+    constant = {"sched": "step", "decay_epochs": 1, "decay_rate": 1.0} if sched == "constant" else {"sched": sched}
     scheduler, _ = create_scheduler_v2(
         optimizer,
-        sched=str(cfg.get("scheduler", "cosine")),
+        **constant,
         num_epochs=max_epochs - cooldown,
         cooldown_epochs=cooldown,
         min_lr=float(cfg.get("min_lr", 0.0)),
