@@ -69,7 +69,7 @@ flops: $(STAMP) ## analytic and counted GMACs: make flops ARGS="backbone=deit_sm
 benchmark: $(STAMP) ## speed and cost of every reducer vs none (~15 min on 2 CPU cores): make benchmark ARGS="batch_size=128"
 	$(BIN)/tokred-benchmark $(ARGS)
 
-compare: $(STAMP) ## accuracy comparison: baseline + every reducer at 2 budgets on the built-in data, then the report (~1 h)
+compare: $(STAMP) ## accuracy comparison: baseline + every reducer at 2 budgets on the built-in data, then the report (~2 h on 2 cores)
 	$(BIN)/tokred-compare $(ARGS)
 
 sweep: $(STAMP) ## Optuna Pareto search (top-1 vs GMACs) over Evo-ViT's knobs on the built-in data, 2 trials at a time; re-run to continue
