@@ -80,9 +80,26 @@ def stem_macs(vit: nn.Module) -> int:
     return n_patches * k * proj.out_channels
 
 
-def head_macs(vit: nn.Module) -> int:
-    head = vit.head
-    return head.in_features * head.out_features if isinstance(head, nn.Linear) else 0
+def _linear_macs(layer: nn.Module) -> int:
+    return layer.in_features * layer.out_features if isinstance(layer, nn.Linear) else 0
+
+
+def head_macs(vit: nn.Module, n_out: int | None = None) -> int:
+    """Pooling and classifier: the linear head(s) -- a distilled DeiT runs two -- and, for attention pooling
+    (SigLIP's MAP head), its latent queries attending over the ``n_out`` tokens that leave the last block (prefix
+    tokens included; default: every token, as in the unreduced model)."""
+    macs = _linear_macs(vit.head) + _linear_macs(getattr(vit, "head_dist", None))
+    pool = vit.attn_pool
+    if pool is not None:
+        n = num_tokens(vit) if n_out is None else n_out
+        n -= 0 if vit.pool_include_prefix else vit.num_prefix_tokens
+        latents = pool.latent.shape[1]
+        per_latent = _linear_macs(pool.q) + _linear_macs(pool.proj)
+        if pool.mlp is not None:
+            per_latent += _linear_macs(pool.mlp.fc1) + _linear_macs(pool.mlp.fc2)
+        attention = 2 * latents * n * pool.q.out_features  # q.k and attention.v
+        macs += latents * per_latent + n * _linear_macs(pool.kv) + attention
+    return macs
 
 
 def dense_block_costs(vit: nn.Module, n_tokens: int | None = None) -> list[BlockCost]:
@@ -122,7 +139,10 @@ def cpu_attention_formulas() -> dict:
 def counted_gmacs(model: nn.Module, img_size: int, in_chans: int = 3, batch_size: int = 1) -> float:
     """GMACs per image of one eval-mode forward pass, measured by torch's dispatch-level FLOP counter."""
     was_training = model.training
-    model.eval()
+    # A view of a trainable parameter made under no_grad (SigLIP's pooling latent, expanded over the batch) requires
+    # grad without a grad_fn, which the counter's module tracker cannot hook: count with gradients switched off.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.eval().requires_grad_(False)
     try:
         param = next(model.parameters())
         x = torch.randn(batch_size, in_chans, img_size, img_size, device=param.device, dtype=param.dtype)
@@ -132,6 +152,8 @@ def counted_gmacs(model: nn.Module, img_size: int, in_chans: int = 3, batch_size
         return counter.get_total_flops() / 2 / batch_size / 1e9
     finally:
         model.train(was_training)
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def bisect_budget(

@@ -20,7 +20,12 @@ class UnsupportedBackbone(ValueError):
 
 
 def check_standard_vit(vit: nn.Module, reducer: str) -> None:
-    """Fail early, naming the fix, when a reducer is applied to a model it cannot patch faithfully."""
+    """Fail early, naming the fix, when a reducer is applied to a model whose blocks it cannot patch faithfully.
+
+    Prefix tokens (CLS, distillation token, registers) and the pooling (CLS token, average, attention pooling) are
+    not checked here: every reducer protects all ``vit.num_prefix_tokens`` prefix tokens and pools through
+    :func:`classify`. Methods that cannot work without a CLS token say so with :func:`require_cls_token`.
+    """
     if not isinstance(vit, VisionTransformer):
         raise UnsupportedBackbone(f"reducer={reducer} needs a timm VisionTransformer, got {type(vit).__name__}")
     for i, blk in enumerate(vit.blocks):
@@ -31,10 +36,14 @@ def check_standard_vit(vit: nn.Module, reducer: str) -> None:
             )
         if blk.attn.gate is not None:
             raise UnsupportedBackbone(f"reducer={reducer}: gated attention (block {i}) is not supported")
-    if vit.attn_pool is not None or vit.num_prefix_tokens != 1 or not vit.has_class_token:
+
+
+def require_cls_token(vit: VisionTransformer, reducer: str, why: str) -> None:
+    """One-line rejection of a backbone without a CLS token, for the methods whose algorithm is defined by it."""
+    if not vit.has_class_token:
         raise UnsupportedBackbone(
-            f"reducer={reducer} needs exactly one CLS prefix token and no attention pooling "
-            f"(got {vit.num_prefix_tokens} prefix tokens, attn_pool={vit.attn_pool is not None})"
+            f"reducer={reducer} needs a CLS token ({why}); backbone {vit.default_cfg.get('architecture', '')!r} "
+            f"pools with global_pool={vit.global_pool!r} -- choose a CLS-token backbone"
         )
 
 
@@ -46,9 +55,26 @@ def embed(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
     return vit.norm_pre(x)
 
 
-def classify(vit: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
-    """Final norm, pooling and head, exactly as timm's forward does after the blocks."""
-    return vit.forward_head(vit.norm(tokens))
+def classify(vit: VisionTransformer, tokens: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
+    """Final norm, pooling and head, exactly as timm's forward does after the blocks.
+
+    ``size`` (B, N, 1) is how many patches each token stands for after merging (ToMe, EViT's fused token): average
+    pooling then weights tokens by it and attention pooling adds ``log(size)`` to its logits -- ToMe's proportional
+    attention -- so the pooled feature equals pooling over the patches the tokens represent. CLS-token pooling
+    (distilled models: CLS and distillation token) does not look at the other tokens.
+    """
+    x = vit.norm(tokens)
+    if size is None or (vit.attn_pool is None and vit.global_pool in ("token", "")):
+        return vit.forward_head(x)
+    if not vit.pool_include_prefix:
+        x, size = x[:, vit.num_prefix_tokens :], size[:, vit.num_prefix_tokens :]
+    size = size.to(x.dtype)
+    if vit.attn_pool is not None:
+        pooled = vit.attn_pool(x, attn_mask=size.log().transpose(1, 2).unsqueeze(1))  # (B, 1, 1, N): every head
+    else:
+        mean = (x * size).sum(dim=1) / size.sum(dim=1)
+        pooled = {"avg": mean, "max": x.amax(dim=1), "avgmax": 0.5 * (x.amax(dim=1) + mean)}[vit.global_pool]
+    return vit.head(vit.head_drop(vit.fc_norm(pooled)))
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -112,6 +138,23 @@ def cls_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Te
     """Softmax attention of the CLS query (row 0) over all keys, per head: (B, H, n_kv). O(n*C), no full map."""
     q0, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)
     return (q0 @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1).squeeze(2)
+
+
+def received_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Mean softmax attention each key receives over all queries, per head: (B, H, n_kv).
+
+    The substitute for the CLS attention row on models without a CLS token (average or attention pooling): the
+    importance score of Learned Token Pruning (Kim et al., KDD 2022), also used by Zero-TPrune (CVPR 2024). It sums
+    to 1 over the keys like a CLS row, so thresholds and fusion weights keep their meaning. Needs the full map.
+    """
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    return (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1).mean(dim=2)
+
+
+def scoring_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, has_cls: bool) -> torch.Tensor:
+    """The attention row token-scoring methods rank keys by, per head (B, H, n_kv): the CLS query's row (row 0) when
+    the model has a CLS token -- never a register's or the distillation token's -- else :func:`received_attention`."""
+    return cls_attention(attn, q, k) if has_cls else received_attention(attn, q, k)
 
 
 def attention_residual(blk: Block, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
