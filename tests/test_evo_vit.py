@@ -1,24 +1,29 @@
-"""Evo-ViT (issue 4): selection, slow-fast updating, layer-to-stage, heads and loss, FLOPs, budgets, a training run."""
+"""Evo-ViT (issue 4): selection, slow-fast updating, layer-to-stage, heads and loss, FLOPs, budgets, a training run;
+prefix tokens and CLS-free backbones (issue 16)."""
 
 from __future__ import annotations
 
+import copy
 import csv
+import functools
 import warnings
 from dataclasses import asdict
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch import nn
 
 from tokred.cli.flops import measure
 from tokred.config import ConfigError, compose_config, validate
 from tokred.export import load_deployable
 from tokred.flops import counted_gmacs
-from tokred.reducers import create_reducer
+from tokred.reducers import create_reducer, evo_vit
 from tokred.reducers.evo_vit import Config, EvoViT
 from tokred.training.run import build_model, train
-from tokred.vit_ops import embed
+from tokred.vit_ops import UnsupportedBackbone, embed
 
 
 def evo(vit, **knobs):
@@ -242,6 +247,166 @@ def test_budget_sets_keep_ratio_within_3_percent(knob, target):
 def test_unreachable_budget_names_the_range(make_vit):
     with pytest.raises(ValueError, match="out of reach by keep_ratio"):
         evo(make_vit(depth=8), target_ratio=0.2)
+
+
+# ---------------------------------------------------------------- prefix tokens and pooling (issue 16)
+
+# Every prefix/pooling layout timm ships, built untrained with the models' own token layout, norms and heads but
+# shrunk to 6 blocks of width 64 on 16 patches: CLS; CLS + 4 registers; CLS + distillation token; no CLS with average
+# pooling; no CLS with attention pooling (SigLIP). Value: image size.
+PREFIX_BACKBONES = {
+    "deit_small_patch16_224": 64,
+    "vit_small_patch14_reg4_dinov2": 56,
+    "deit_small_distilled_patch16_224": 64,
+    "vit_medium_patch16_gap_256": 64,
+    "vit_base_patch16_siglip_224": 64,
+}
+TOKEN_POOLED = list(PREFIX_BACKBONES)[:3]
+PATCH_POOLED = list(PREFIX_BACKBONES)[3:]
+
+
+@functools.cache
+def _untrained(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, img_size=PREFIX_BACKBONES[name], depth=6, embed_dim=64, num_heads=2, num_classes=5)
+
+
+def backbone(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """A fresh copy of the shrunk backbone (eval mode) and two images for it."""
+    size = PREFIX_BACKBONES[name]
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return copy.deepcopy(_untrained(name)).eval(), images
+
+
+def blocks_with_slow_masks(model, x) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    maps: list = []
+    with torch.no_grad():
+        model.forward_features(x, on_block=lambda i, tokens, slow: maps.append((tokens, slow)))
+    return maps
+
+
+@pytest.mark.parametrize("mode", ["stage", "layer"])
+@pytest.mark.parametrize("name", PREFIX_BACKBONES)
+def test_keep_ratio_one_gives_the_plain_timm_logits_on_every_prefix_and_pooling(name, mode):
+    vit, x = backbone(name)
+    with torch.no_grad():
+        expected = vit(x)
+    # The backbone's own head: head=cls on a CLS-token head; gap keeps an average or attention pooling head.
+    head = "cls" if name in TOKEN_POOLED else "gap"
+    model = evo(vit, keep_ratio=1.0, start_layer=2, head=head, mode=mode).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.deployable()(x), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", TOKEN_POOLED)
+def test_gap_head_pools_the_patches_and_the_backbone_head_becomes_the_auxiliary_head(name):
+    vit, x = backbone(name)
+    targets = torch.tensor([1, 3])
+    with torch.no_grad():
+        plain = vit(x)  # CLS head; a distilled DeiT averages its CLS and distillation heads
+    model = evo(vit, keep_ratio=1.0, start_layer=2).eval()
+    p = vit.num_prefix_tokens
+    with torch.no_grad():
+        tokens = model.vit.forward_features(x)  # timm's blocks; the final norm moved to the auxiliary head
+        gap = model.vit.head(model.vit.fc_norm(tokens[:, p:].mean(dim=1)))  # prefix tokens are not pooled
+        logits, terms = model.losses(x, targets, F.cross_entropy)
+    torch.testing.assert_close(logits, gap, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(terms["ce_cls"], 0.5 * F.cross_entropy(plain, targets), atol=1e-5, rtol=1e-4)
+    assert (model.dist_head is not None) == (p == 2)
+    assert not any(k.startswith(("cls_", "dist_head")) for k in model.deployable().state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model.deployable()(x), gap, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["stage", "layer"])
+@pytest.mark.parametrize("name", PREFIX_BACKBONES)
+def test_every_block_is_the_timm_block_on_all_prefix_tokens_and_the_slow_patches(name, mode):
+    vit, x = backbone(name)
+    model = evo(vit, start_layer=2, mode=mode).eval()
+    p = vit.num_prefix_tokens
+    with torch.no_grad():
+        before = embed(model.vit, x)
+        for i, (after, slow) in enumerate(blocks_with_slow_masks(model, x)):
+            assert after.shape == before.shape == (2, p + 16, 64)
+            assert slow.sum(dim=1).tolist() == [16 if i < 2 else 8] * 2
+            for b in range(2):
+                # Prefix rows stay the first rows and always go through the block with the informative patches.
+                rows = torch.cat([torch.arange(p), p + slow[b].nonzero()[:, 0]])
+                expected = model.vit.blocks[i](before[b : b + 1, rows])[0]
+                torch.testing.assert_close(after[b, rows], expected, atol=1e-5, rtol=1e-4)
+                assert torch.equal(after[b, p:][~slow[b]], before[b, p:][~slow[b]])  # identity fast path
+            before = after
+
+
+@pytest.mark.parametrize("name", PREFIX_BACKBONES)
+def test_first_selection_ranks_patches_by_the_cls_row_or_without_cls_by_received_attention(name):
+    vit, x = backbone(name)
+    with torch.no_grad():  # untrained attention is near uniform (and timm starts CLS near 0): a near-tie at the cut
+        vit.blocks[1].attn.qkv.weight.mul_(8)
+        for token in (vit.cls_token, vit.reg_token, getattr(vit, "dist_token", None)):
+            if token is not None:
+                token.normal_(generator=torch.Generator().manual_seed(2))
+    model = evo(vit, start_layer=2).eval()
+    p = vit.num_prefix_tokens
+    maps = blocks_with_slow_masks(model, x)
+    attn = model.vit.blocks[1].attn  # the first selection (block 2) reads block 1's attention alone
+    with torch.no_grad():
+        q, k, _ = attn.qkv(model.vit.blocks[1].norm1(maps[0][0])).view(2, p + 16, 3, 2, 32).permute(2, 0, 3, 1, 4)
+        weights = (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)  # (B, H, T, T)
+    # Row 0 is CLS (never a register's or the distillation token's); prefix columns are no candidates.
+    score = (weights[:, :, 0] if vit.has_class_token else weights.mean(dim=2)).sum(dim=1)[:, p:]
+    top = score.sort(dim=1, descending=True).values
+    assert (top[:, 7] - top[:, 8]).min() > 1e-5  # no near-tie at the cut
+    assert torch.equal(maps[2][1], torch.zeros_like(maps[2][1]).scatter_(1, score.topk(8).indices, True))
+
+
+def test_register_columns_never_enter_the_ranking(monkeypatch):
+    vit, x = backbone("vit_small_patch14_reg4_dinov2")
+    model = evo(vit, start_layer=2, mode="layer").eval()
+    expected = [m.values for m in model.token_maps(x)]
+    scoring = evo_vit.scoring_attention
+
+    def huge_prefix_columns(*args):
+        row = scoring(*args).clone()
+        row[..., :5] = 1e3  # CLS and the 4 registers drawing all attention
+        return row
+
+    monkeypatch.setattr(evo_vit, "scoring_attention", huge_prefix_columns)
+    assert all(torch.equal(a.values, b) for a, b in zip(model.token_maps(x), expected, strict=True))
+
+
+@pytest.mark.parametrize("name", PATCH_POOLED)
+def test_patch_pooled_backbone_keeps_its_head_without_auxiliary_loss_and_rejects_head_cls(name):
+    vit, x = backbone(name)
+    model = evo(copy.deepcopy(vit), start_layer=2).train()
+    assert model.cls_head is None and model.vit.head is not None
+    assert set(model.losses(x, torch.tensor([1, 3]), F.cross_entropy)[1]) == {"ce"}
+    with pytest.raises(UnsupportedBackbone, match="use reducer.head=gap") as err:
+        evo(vit, head="cls")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("knobs", [{}, {"fast_update": "rep_token", "mode": "layer"}], ids=["paper", "rep-layer"])
+@pytest.mark.parametrize("name", PREFIX_BACKBONES)
+def test_analytic_cost_equals_the_counter_on_every_prefix_and_pooling(name, knobs):
+    vit, _ = backbone(name)
+    model = evo(vit, start_layer=2, **knobs)
+    p, rep = vit.num_prefix_tokens, "fast_update" in knobs
+    # The CLS-free score's full attention map and SigLIP's attention pooling are part of both counts.
+    assert counted_gmacs(model.deployable(), PREFIX_BACKBONES[name]) == pytest.approx(model.cost().gmacs, rel=1e-6)
+    assert model.cost().tokens_per_block == [p + 16] * 2 + [p + 8 + rep] * 4
+
+
+@pytest.mark.parametrize("name", PREFIX_BACKBONES)
+def test_gradients_reach_every_trainable_parameter_on_every_prefix_and_pooling(name):
+    vit, x = backbone(name)
+    model = evo(vit, start_layer=2, fast_update="rep_token").train()
+    model.on_train_epoch_start(0, 10)
+    _, terms = model.losses(x, torch.tensor([1, 3]), F.cross_entropy)
+    sum(terms.values()).backward()
+    starved = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not starved
 
 
 # ---------------------------------------------------------------- knobs and warnings
