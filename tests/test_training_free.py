@@ -66,3 +66,52 @@ def test_training_free_bad_input_is_one_line(args, fragment, tmp_path, capsys, m
     code, _, err = evaluate(capsys, tmp_path, *args)
     line = err.strip().splitlines()[-1]
     assert code == 2 and line.startswith("tokred-eval: error: ") and fragment in line, err[-2000:]
+
+
+def test_compare_draws_the_training_free_curves_from_one_baseline(tmp_path, monkeypatch):
+    """tokred-compare mode=training_free: no training beyond the (here: given) baseline; one row per reducer and
+    budget, each at or just under its budget, the baseline's accuracy at ratio 1, and both plots."""
+    import csv
+
+    import tokred
+    from tokred.benchmark import compare
+    from tokred.config import compose_config
+
+    runs = tmp_path / "runs"
+    baseline = runs / "none" / "baseline"
+    tokred.save(tokred.patch(timm.create_model("deit_tiny_cpu_patch8_64", num_classes=10), "none"), baseline / "export")
+    (baseline / "summary.json").write_text("{}")  # the baseline step counts as done
+    cfg = compose_config(
+        [
+            "mode=training_free",
+            f"runs_dir={runs}",
+            "reducers=[tome,topk,sit]",  # sit needs training: not on the curve
+            "training_free.ratios=[0.5,0.8]",
+            "training_free.speed.batch_size=4",
+            "training_free.speed.repeats=1",
+            f"report.out_dir={tmp_path / 'results'}",
+            "report.machine=here",
+            "train=[" + ",".join(f"'{o}'" for o in ["backbone=deit_tiny_cpu", "dataset=synthetic", *DATA]) + "]",
+        ],
+        config_name="compare",
+    )
+    monkeypatch.setattr("sys.argv", ["tokred-compare", "mode=training_free"])
+    assert compare.run(cfg) == []
+    out = tmp_path / "results" / "here"
+    with open(out / "training_free.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["reducer"], float(r["target_ratio"])) for r in rows] == [
+        ("none", 1.0),
+        ("tome", 0.5),
+        ("tome", 0.8),
+        ("topk", 0.5),
+        ("topk", 0.8),
+    ]
+    base = float(rows[0]["gmacs"])
+    for row in rows[1:]:
+        assert 0.99 * float(row["target_ratio"]) <= float(row["gmacs"]) / base <= float(row["target_ratio"])
+        assert 0 <= float(row["top1"]) <= 100 and float(row["throughput"]) > 0
+    assert rows[1]["knob"].startswith("r=") and rows[3]["knob"].startswith("keep_rate=")
+    assert (out / "training_free_top1_vs_gmacs.png").stat().st_size > 10_000
+    assert (out / "training_free_top1_vs_throughput.png").is_file()
+    assert "tokred-compare mode=training_free" in (out / "training_free.md").read_text()

@@ -4,7 +4,9 @@ The grid is ``conf/compare.yaml``. Each step is a real ``tokred-train`` process,
 ``reducer.target_ratio``, so what the comparison ran is exactly what a user can re-run by hand (``dry_run=true``
 prints the commands). Run directories are deterministic (``<runs_dir>/none/baseline``,
 ``<runs_dir>/<reducer>/r<budget>``): a re-launch skips runs that wrote their ``summary.json`` and lets
-``tokred-train`` resume the interrupted ones from their checkpoints.
+``tokred-train`` resume the interrupted ones from their checkpoints. ``mode=training_free`` trains (or reuses) the
+baseline only and draws every training-free reducer's accuracy curve over its budget from it
+(:mod:`tokred.benchmark.training_free`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tokred.benchmark.report import report_from_config
+from tokred.benchmark.training_free import run_training_free
 from tokred.config import compose_config, fail, print_help, wants_help
 from tokred.reducers import available_reducers, reducer_class
 
@@ -88,8 +91,13 @@ def plan(cfg: DictConfig) -> list[Step]:
 
 
 def run(cfg: DictConfig) -> list[str]:
-    """Run the plan (or print it with ``dry_run``), then the report; returns the names of the steps that failed."""
+    """Run the plan (or print it with ``dry_run``), then the report; returns the names of the steps that failed.
+    ``mode=training_free`` runs the baseline step only, then the training-free curves from it."""
+    if cfg.mode not in ("train", "training_free"):
+        raise ValueError(f"mode={cfg.mode!r}; choose train (the accuracy comparison) or training_free (curves)")
     steps = plan(cfg)
+    if cfg.mode == "training_free":
+        steps = steps[:1]
     failed = []
     for step in steps:
         if step.done:
@@ -106,6 +114,11 @@ def run(cfg: DictConfig) -> list[str]:
                 )
             failed.append(step.name)
     if cfg.dry_run:
+        return failed
+    if cfg.mode == "training_free":
+        command = shlex.join(["tokred-compare", *sys.argv[1:]])
+        paths = run_training_free(cfg, baseline_dir(Path(cfg.runs_dir).resolve()) / "export", command)
+        print("wrote " + ", ".join(str(p) for p in paths))
         return failed
     paths = report_from_config(cfg.report, command=f"tokred-report runs_dir={shlex.quote(str(cfg.runs_dir))}")
     paths.show()
