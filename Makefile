@@ -14,7 +14,7 @@ OLDEST_PYTHON ?= $(firstword $(foreach py,python3.10 $(wildcard $(HOME)/.pyenv/v
 	$(shell $(py) -c 'print("$(py)")' 2>/dev/null)) $(PYTHON))
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock train test test-fast test-oldest lint format flops benchmark compare report sweep clean
+.PHONY: help install lock train test support-matrix test-fast test-oldest lint format flops benchmark benchmark-gpu compare report sweep clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ train: $(STAMP) ## train the default experiment (deit_tiny_cpu on the built-in d
 test: $(STAMP) ## run the test suite (locked versions)
 	$(BIN)/pytest -n 2 --dist loadfile $(ARGS)
 
+support-matrix: $(STAMP) ## rewrite the README's reducer x backbone support matrix from tests/test_support_matrix.py
+	TOKRED_UPDATE_README=1 $(BIN)/pytest -q -n 0 tests/test_support_matrix.py -k readme
+
 test-fast: $(STAMP) ## the suite without the tests marked slow (long end-to-end runs): a quick check while editing
 	$(BIN)/pytest -n 2 --dist loadfile -m "not slow" $(ARGS)
 
@@ -68,6 +71,9 @@ flops: $(STAMP) ## analytic and counted GMACs: make flops ARGS="backbone=deit_sm
 
 benchmark: $(STAMP) ## speed and cost of every reducer vs none (~15 min on 2 CPU cores): make benchmark ARGS="batch_size=128"
 	$(BIN)/tokred-benchmark $(ARGS)
+
+benchmark-gpu: $(STAMP) ## every reducer on one GPU, bs 256 bf16, eager + compiled, inference + training (experiments/benchmark_gpu.sh)
+	BIN=$(BIN) experiments/benchmark_gpu.sh $(ARGS)
 
 compare: $(STAMP) ## accuracy comparison: baseline + every reducer at 2 budgets on the built-in data, then the report (~2 h on 2 cores)
 	$(BIN)/tokred-compare $(ARGS)

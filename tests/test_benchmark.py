@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
 
 from tokred.benchmark import compare, harness
 from tokred.benchmark.outputs import pareto_front
@@ -17,13 +20,14 @@ from tokred.cli import benchmark as benchmark_cli
 from tokred.cli import report as report_cli
 from tokred.config import compose_config
 from tokred.export import save_deployable
+from tokred.flops import cpu_attention_formulas
 from tokred.reducers import available_reducers
 from tokred.reducers.base import TokenReducer
 from tokred.training.run import build_model
 
 REDUCERS = [r for r in available_reducers() if r != "none"]
 BUDGETS = [0.5, 0.65]
-TINY_TIMING = ["batch_size=2", "warmup=1", "repeats=2", "iters=1", "latency_repeats=1"]
+TINY_TIMING = ["batch_size=2", "warmup=1", "repeats=2", "iters=1", "latency_repeats=1", "train_batch_size=2"]
 
 
 def bench_cfg(tmp_path: Path, *overrides: str):
@@ -60,13 +64,19 @@ def test_harness_rows_are_well_formed(bench):
     base = next(r for r in rows if r["kind"] == "baseline")
     assert base["reducer"] == "none" and base["speedup"] == 1 and base["gmacs_ratio"] == 1
     for row in rows:
-        for key in ("params_m", "gmacs", "gmacs_counted", "throughput", "latency_ms"):
+        for key in ("params_m", "gmacs", "gmacs_counted", "throughput", "latency_ms", "train_gmacs", "train_img_s"):
             assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, (row["point"], key)
         assert row["peak_mem_mb"] is None or row["peak_mem_mb"] >= 0
         assert row["device"] == "cpu" and row["device_name"] and row["threads"] >= 1 and row["torch"] and row["timm"]
         assert row["speedup"] == pytest.approx(row["throughput"] / base["throughput"], rel=1e-3)
         assert row["gmacs_ratio"] == pytest.approx(base["gmacs"] / row["gmacs"], rel=1e-3)
         assert row["slow"] == (row["kind"] != "baseline" and row["speedup_per_gmacs_ratio"] < harness.SPEEDUP_FLAG)
+        assert row["train_speedup"] == pytest.approx(row["train_img_s"] / base["train_img_s"], rel=1e-3)
+        assert row["train_gmacs_ratio"] == pytest.approx(base["train_gmacs"] / row["train_gmacs"], rel=1e-3)
+        assert row["train_speedup_per_gmacs_ratio"] == pytest.approx(
+            row["train_speedup"] / row["train_gmacs_ratio"], rel=1e-3
+        )
+        assert row["train_batch_size"] == 2
         assert len(json.loads(row["tokens_per_block"])) == 12  # deit_tiny_cpu's depth
         assert json.loads(row["knobs"])["name"] == row["reducer"]
         if row["kind"] == "matched_budget":
@@ -87,8 +97,60 @@ def test_harness_writes_tables_and_plots(bench):
     for row in rows:
         assert f"| {row['reducer']} | {row['point']}" in md
     assert "speed-up ÷ ratio" in md and "GMACs ratio" in md
+    for header in ("train GMACs", "train GMACs ratio", "train img/s", "train speed-up", "train speed-up ÷ ratio"):
+        assert f"| {header} |" in md
     png = next(p for p in paths if p.name == "benchmark_gmacs_vs_throughput.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def trainee(reducer: str) -> tuple[harness.Trainee, int]:
+    """The model of ``reducer``'s first benchmark row on the tiny backbone as it trains, and its image size."""
+    cfg = bench_cfg(Path("unused"), f"reducers=[{reducer}]", "budgets=[]")
+    entry = next(e for e in harness.plan(cfg) if e.reducer == reducer)
+    _, built, stats = harness.build(entry)
+    return built, stats["img_size"]
+
+
+def test_train_gmacs_is_three_forwards_without_a_teacher(bench):
+    built, _ = trainee("none")
+    assert built.teacher is None
+    assert harness.train_cost(built.model, None)["train_gmacs"] == 3 * built.model.cost().gmacs
+    base = next(r for r in bench[0] if r["kind"] == "baseline")
+    assert base["train_gmacs"] == pytest.approx(3 * base["gmacs"], abs=2e-6)  # both rounded to 6 decimals
+
+
+@pytest.mark.parametrize("reducer", ["dynamicvit", "sit"])
+def test_a_teacher_adds_exactly_its_forward(reducer):
+    built, _ = trainee(reducer)
+    assert built.teacher is not None and not any(p.requires_grad for p in built.teacher.parameters())
+    with_teacher, without = harness.train_cost(built.model, built.teacher), harness.train_cost(built.model, None)
+    # Both teachers are the unreduced backbone: its forward is the dense cost of the student's own ViT.
+    assert with_teacher["teacher"] == TokenReducer.cost(built.model).gmacs
+    assert with_teacher["train_gmacs"] == 3 * without["train_forward"] + with_teacher["teacher"]
+    assert without["teacher"] == 0
+
+
+@pytest.mark.parametrize("reducer", available_reducers())
+def test_train_forward_cost_matches_what_runs(reducer):
+    """The analytic training forward (model + teacher) against torch's FLOP count of one train-mode ``losses``."""
+    built, img = trainee(reducer)
+    cost = harness.train_cost(built.model, built.teacher)
+    images, targets = torch.randn(2, 3, img, img), torch.randint(1000, (2,))
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_attention_formulas())
+    with counter:
+        built.model.losses(images, targets, F.cross_entropy, built.teacher)
+    counted = counter.get_total_flops() / 2 / 2 / 1e9
+    assert counted == pytest.approx(cost["train_forward"] + cost["teacher"], rel=0.02)
+
+
+def test_gpu_preset_plans_every_reducer_at_its_operating_points():
+    cfg = compose_config(["compile=true"], config_name="benchmark_gpu")
+    assert (cfg.batch_size, cfg.train_batch_size, cfg.precision, cfg.device) == (256, 256, "bf16", "cuda")
+    assert cfg.warmup >= 2 and cfg.latency_repeats == 0 and cfg.out_dir == "experiments/results"
+    entries = harness.plan(cfg)
+    assert {e.reducer for e in entries} == set(available_reducers())
+    assert {e.kind for e in entries} == {"baseline", "operating_point"}
+    assert [e.key for e in entries if e.reducer == "sit"] == ["deit_small/sit/mild", "deit_small/sit/aggressive"]
 
 
 @pytest.mark.parametrize("ratio", BUDGETS)

@@ -5,6 +5,9 @@ The rows to measure come from ``conf/benchmark.yaml``: ``operating_points.<reduc
 configurations (override lists plus the papers' reported GMACs and top-1); a registered reducer without an entry is
 measured at its default config. Matched-budget rows add ``reducer.target_ratio=<b>`` for every ``budgets`` entry:
 the reducer sets its own knob to meet it, the harness only reads back what it achieved.
+
+Each row is also timed and costed as it trains (:func:`training_setup`, :func:`train_cost`): the reducer in the
+last phase of its pipeline, its own loss terms with its frozen teacher, AdamW over its parameter groups.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from tokred.backbones import freeze
 from tokred.benchmark.outputs import (
     Column,
     fmt,
@@ -28,10 +34,27 @@ from tokred.benchmark.outputs import (
     write_json,
     write_text,
 )
-from tokred.benchmark.timing import SpeedSettings, machine_info, measure_speed, prepare, setup, steps_per_model
+from tokred.benchmark.timing import (
+    SpeedSettings,
+    machine_info,
+    measure_speed,
+    measure_train_speed,
+    prepare,
+    setup,
+    steps_per_model,
+    train_step,
+    train_steps_per_model,
+)
 from tokred.benchmark.wandb_log import log_rows
 from tokred.config import ConfigError, compose_config, group_choices, validate
+from tokred.flops import dense_block_costs, head_macs, stem_macs
 from tokred.reducers import available_reducers, reducer_class
+from tokred.reducers.base import TokenReducer
+from tokred.reducers.dynamicvit import DynamicViT, predictor_macs
+from tokred.reducers.evo_vit import EvoViT
+from tokred.reducers.sit import SiT
+from tokred.training.module import soft_cross_entropy
+from tokred.training.optim import build_optimizer, effective_lr
 from tokred.training.run import build_model, model_stats
 
 # A row whose speed-up over `none` is below this share of its GMACs reduction is flagged in the tables.
@@ -123,22 +146,123 @@ def plan(cfg: DictConfig) -> list[Entry]:
     return entries
 
 
-def build(entry: Entry) -> tuple[nn.Module, dict[str, Any]]:
-    """The deployable model of ``entry`` (ImageNet's 1000 classes, like tokred-flops) and its cost figures."""
+@dataclass
+class Trainee:
+    """A row's reducer in its main training phase (:func:`training_setup`), its frozen teacher and its config."""
+
+    model: TokenReducer
+    teacher: nn.Module | None
+    cfg: DictConfig
+
+
+def build(entry: Entry) -> tuple[nn.Module, Trainee, dict[str, Any]]:
+    """The deployable model of ``entry`` (ImageNet's 1000 classes, like tokred-flops), the model as it trains, and
+    their cost figures."""
     cfg = compose_config([f"backbone={entry.backbone}", f"reducer={entry.reducer}", *entry.overrides], "flops")
     validate(cfg)
     model = build_model(cfg, int(cfg.num_classes))
     img_size = int(cfg.backbone.img_size)
     stats = model_stats(model, img_size)
-    return model.deployable(), {
-        "model": cfg.backbone.model,
-        "img_size": img_size,
-        "params_m": round(stats["model/params_m"], 4),
-        "gmacs": round(stats["model/gmacs"], 6),
-        "gmacs_counted": round(stats["model/gmacs_counted"], 6),
-        "tokens_per_block": json.dumps(stats["model/tokens_per_block"]),
-        "knobs": json.dumps(model.knobs(), default=str),
-    }
+    deployable = model.deployable()
+    teacher = training_setup(model, deployable)
+    return (
+        deployable,
+        Trainee(model, teacher, cfg),
+        {
+            "model": cfg.backbone.model,
+            "img_size": img_size,
+            "params_m": round(stats["model/params_m"], 4),
+            "gmacs": round(stats["model/gmacs"], 6),
+            "gmacs_counted": round(stats["model/gmacs_counted"], 6),
+            "train_gmacs": round(train_cost(model, teacher)["train_gmacs"], 6),
+            "tokens_per_block": json.dumps(stats["model/tokens_per_block"]),
+            "knobs": json.dumps(model.knobs(), default=str),
+        },
+    )
+
+
+def training_setup(model: TokenReducer, deployable: nn.Module) -> nn.Module | None:
+    """Put ``model`` in its main training phase, the last of its pipeline, and return its frozen teacher (or None).
+
+    The phases before it (searches, extractions) need data and are not run: the structure they hand the last phase
+    is the one the model deploys with, restored as a resumed run restores a finished phase's snapshot (ViT-Slim
+    re-trains its extraction at the budget; for every other reducer the structure is already the deployed one).
+    The teacher is built as a training fit builds it, from the backbone as it is (SiT without ``reducer.teacher``:
+    the untrained backbone, which only a training run refuses).
+    """
+    model.load_structure(deployable.structure())
+    model.enter_phase(model.phases()[-1].name)
+    model.train()
+    teacher = model.build_teacher()
+    return freeze(teacher) if teacher is not None else None
+
+
+def _vit_macs(vit: nn.Module) -> int:
+    """One forward of an unreduced timm ViT: what a frozen teacher costs."""
+    return stem_macs(vit) + sum(b.macs() for b in dense_block_costs(vit)) + head_macs(vit)
+
+
+def _mlp_macs(mlp: nn.Module, rows: int) -> int:
+    return rows * (mlp.fc1.in_features * mlp.fc1.out_features + mlp.fc2.in_features * mlp.fc2.out_features)
+
+
+def train_forward_macs(model: TokenReducer) -> int:
+    """MACs per image of the trainable model's forward in its training configuration (teacher excluded).
+
+    The deployable cost, plus what training runs that deployment does not: DynamicViT trains with Gumbel masks, every
+    block on all tokens and every prediction module on all N patches; SiT adds its Reverse TSMs (a token MLP over
+    the channels, a channel MLP over the N patches), Evo-ViT its auxiliary CLS head. Evo-ViT's layer-wise training
+    reads a few more CLS attention rows than the stage-wise deployment (C x T each, < 0.1%); not added.
+    """
+    if isinstance(model, DynamicViT):
+        n = model.vit.patch_embed.num_patches
+        return TokenReducer.cost(model).macs + len(model.locs) * n * predictor_macs(model.vit.embed_dim)
+    macs = model.cost().macs
+    if isinstance(model, SiT):
+        dim = model.vit.embed_dim
+        macs += sum(
+            _mlp_macs(r.token_mlp, dim) + _mlp_macs(r.channel_mlp, r.token_mlp.fc2.out_features)
+            for r in model.rtsms.values()
+        )
+    if isinstance(model, EvoViT) and model.cls_head is not None:
+        macs += model.cls_head.in_features * model.cls_head.out_features
+    return macs
+
+
+def train_cost(model: TokenReducer, teacher: nn.Module | None) -> dict[str, float]:
+    """GMACs per image of one training step: ``train_forward`` (:func:`train_forward_macs`), ``teacher`` (its
+    forward; frozen, so no backward), and ``train_gmacs`` = 3 x train_forward + teacher (backward ~ 2 x forward)."""
+    forward = train_forward_macs(model) / 1e9
+    frozen = 0.0 if teacher is None else _vit_macs(teacher) / 1e9
+    return {"train_forward": forward, "teacher": frozen, "train_gmacs": 3 * forward + frozen}
+
+
+def train_steps(
+    trainees: Mapping[str, Trainee], settings: SpeedSettings, device: torch.device
+) -> dict[str, tuple[Callable[[torch.Tensor], None], int]]:
+    """``{key: (training step, img_size)}``: each row's model on ``device`` with AdamW over its parameter groups
+    (the optimiser settings of its last phase), trained on random labels with its own loss terms."""
+    if settings.compile:
+        # Every row's step compiles the same function (``terms`` below) over another model; dynamo keeps one cache
+        # per code object and runs it eagerly past the recompile limit (8), which would time later rows uncompiled.
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+        setattr(config, limit, max(getattr(config, limit), 8 * len(trainees)))
+    steps = {}
+    for key, trainee in trainees.items():
+        model, teacher, cfg = trainee.model.to(device), trainee.teacher, trainee.cfg
+        if teacher is not None:
+            teacher.to(device)
+        optim = OmegaConf.to_container(cfg.optim, resolve=True) | model.phases()[-1].optim
+        optimizer = build_optimizer(model, optim, effective_lr(optim, settings.train_batch_size))
+        targets = torch.randint(int(cfg.num_classes), (settings.train_batch_size,), device=device)
+        criterion = partial(soft_cross_entropy, label_smoothing=float(optim.get("label_smoothing", 0.0)))
+
+        def terms(images: torch.Tensor, model=model, targets=targets, criterion=criterion, teacher=teacher) -> dict:
+            return model.losses(images, targets, criterion, teacher)[1]
+
+        steps[key] = (train_step(terms, optimizer, settings, device), int(cfg.backbone.img_size))
+    return steps
 
 
 def _relative(rows: list[dict[str, Any]]) -> None:
@@ -152,6 +276,12 @@ def _relative(rows: list[dict[str, Any]]) -> None:
             round(base["latency_ms"] / row["latency_ms"], 4) if row["latency_ms"] and base["latency_ms"] else None
         )
         row["slow"] = row["kind"] != "baseline" and row["speedup_per_gmacs_ratio"] < SPEEDUP_FLAG
+        row["train_gmacs_ratio"] = round(base["train_gmacs"] / row["train_gmacs"], 4)
+        timed = row.get("train_img_s") is not None and base.get("train_img_s") is not None
+        row["train_speedup"] = round(row["train_img_s"] / base["train_img_s"], 4) if timed else None
+        row["train_speedup_per_gmacs_ratio"] = (
+            round(row["train_speedup"] / row["train_gmacs_ratio"], 4) if timed else None
+        )
         if row["target_ratio"] is not None:
             target = row["target_ratio"] * base["gmacs"]
             row["target_gmacs"] = round(target, 6)
@@ -171,7 +301,7 @@ def run_benchmark(
     device = setup(settings)
     machine = machine_info(device)
     entries = plan(cfg)
-    per_model = 1 + steps_per_model(settings)  # +1: building and costing the row
+    per_model = 1 + steps_per_model(settings) + train_steps_per_model(settings)  # +1: building and costing the row
     bar = progress(len(entries) * per_model) if progress else None
 
     def tick(name: str) -> None:
@@ -184,10 +314,12 @@ def run_benchmark(
         "batch_size": settings.batch_size,
         "precision": settings.precision,
         "compile": settings.compile,
+        "train_batch_size": settings.train_batch_size,
     }
     rows, failed = [], []
     for backbone in cfg.backbones:
         models: dict[str, tuple[nn.Module, int]] = {}
+        trainees: dict[str, Trainee] = {}
         measured: list[tuple[str, dict[str, Any]]] = []
         for entry in (e for e in entries if e.backbone == backbone):
             row = {
@@ -202,7 +334,7 @@ def run_benchmark(
                 "paper_top1": entry.paper_top1,
             }
             try:
-                model, stats = build(entry)
+                deployable, trainees[entry.key], stats = build(entry)
             except Exception as err:  # recorded, printed and turned into a non-zero exit by the CLI
                 if entry.kind == "baseline":
                     raise
@@ -211,9 +343,17 @@ def run_benchmark(
                     bar.update(per_model)
                 continue
             tick(entry.key)
-            models[entry.key] = (prepare(model, settings, device), stats["img_size"])
+            models[entry.key] = (prepare(deployable, settings, device), stats["img_size"])
             measured.append((entry.key, {**row, **stats}))
         speeds = measure_speed(models, settings, device, tick)
+        # The training pass holds every row's optimiser state: free the inference copies (and the loop's last
+        # reference) first.
+        models.clear()
+        deployable = None
+        train_speeds = {}
+        if settings.train_batch_size is not None:
+            train_speeds = measure_train_speed(train_steps(trainees, settings, device), settings, device, tick)
+        trainees.clear()
         for key, row in measured:
             speed = speeds[key]
             row.update(
@@ -221,6 +361,8 @@ def run_benchmark(
                 throughput_iqr_pct=round(speed.throughput_iqr_pct, 2),
                 latency_ms=None if speed.latency_ms is None else round(speed.latency_ms, 3),
                 peak_mem_mb=None if speed.peak_mem_mb is None else round(speed.peak_mem_mb, 1),
+                train_img_s=round(train_speeds[key].throughput, 3) if key in train_speeds else None,
+                train_iqr_pct=round(train_speeds[key].throughput_iqr_pct, 2) if key in train_speeds else None,
             )
         _relative([row for _, row in measured])
         rows.extend(row for _, row in measured)
@@ -257,11 +399,18 @@ COLUMNS = [
     "latency_ms",
     "latency_speedup",
     "peak_mem_mb",
+    "train_gmacs",
+    "train_gmacs_ratio",
+    "train_img_s",
+    "train_iqr_pct",
+    "train_speedup",
+    "train_speedup_per_gmacs_ratio",
     "paper_gmacs",
     "paper_top1",
     "tokens_per_block",
     "knobs",
     "batch_size",
+    "train_batch_size",
     "precision",
     "compile",
     "machine",
@@ -303,6 +452,15 @@ MD_COLUMNS: list[Column] = [
     ("speed-up ÷ ratio", lambda r: fmt(r["speedup_per_gmacs_ratio"], ".2f")),
     ("latency bs1 (ms)", lambda r: fmt(r["latency_ms"], ".1f")),
     ("peak mem (MB)", lambda r: fmt(r["peak_mem_mb"], ".0f")),
+    # .get: rows kept from a benchmark written before training was timed lack these
+    ("train GMACs", lambda r: fmt(r.get("train_gmacs"), ".3f")),
+    ("train GMACs ratio", lambda r: fmt(r.get("train_gmacs_ratio"), ".2f")),
+    (
+        "train img/s",
+        lambda r: "–" if r.get("train_img_s") is None else f"{r['train_img_s']:.1f} ±{r['train_iqr_pct']:.0f}%",
+    ),
+    ("train speed-up", lambda r: "–" if r.get("train_speedup") is None else f"{r['train_speedup']:.2f}×"),
+    ("train speed-up ÷ ratio", lambda r: fmt(r.get("train_speedup_per_gmacs_ratio"), ".2f")),
     ("paper top-1", lambda r: fmt(r["paper_top1"], ".1f")),
     ("measured", lambda r: r.get("measured") or "–"),
 ]
@@ -328,14 +486,23 @@ def markdown(
         + (f", CUDA {machine['cuda']}" if machine["device"] == "cuda" else "")
         + f". Batch {s.batch_size}, {s.precision}, torch.compile {'on' if s.compile else 'off'}; "
         f"{s.warmup} warm-up pass(es), median of {s.repeats} interleaved rounds of {s.iters} pass(es); "
-        f"latency: batch 1, median of {s.latency_repeats} rounds. Untrained weights, random input. "
+        f"latency: batch 1, median of {s.latency_repeats} rounds; "
+        + (
+            f"training: one AdamW step per pass at batch {s.train_batch_size}, timed the same way. "
+            if s.train_batch_size
+            else "training not timed. "
+        )
+        + "Untrained weights, random input. "
         f"Regenerate: `{command}`.",
         "",
         "*GMACs ratio* = baseline GMACs / row GMACs (the speed-up GMACs promise); *speed-up* = row img/s / baseline "
         f"img/s, both timed interleaved in this run. ⚠: speed-up below {SPEEDUP_FLAG} × GMACs ratio. "
         f"Matched-budget rows show the achieved GMACs' deviation from the requested budget (✗: over "
         f"{BUDGET_TOLERANCE_PCT:.0f}%). *paper*: the papers' reported GMACs / ImageNet top-1 at that operating "
-        f"point, not measured here. Peak memory: {mem}, excluding weights.",
+        f"point, not measured here. Peak memory: {mem}, excluding weights. *train GMACs*: one training step per "
+        "image, 3 × the forward of the model as it trains (DynamicViT: masked, on all tokens; SiT: + Reverse TSMs; "
+        "Evo-ViT: + auxiliary head) + the forward of a frozen teacher (DynamicViT, SiT); *train speed-up*: training "
+        "img/s over the baseline's, the reducer in the last phase of its pipeline with its own losses and teacher.",
     ]
     for backbone in dict.fromkeys(r["backbone"] for r in rows):
         sub = [r for r in rows if r["backbone"] == backbone]
@@ -426,6 +593,7 @@ def write_results(
                 ("gmacs", "throughput", "throughput vs GMACs"),
                 ("gmacs", "paper_top1", "paper top-1 vs GMACs"),
                 ("throughput", "paper_top1", "paper top-1 vs throughput"),
+                ("train_gmacs", "train_img_s", "training throughput vs training GMACs"),
             ],
             project=cfg.wandb.project,
             name=cfg.wandb.name or f"benchmark-{machine['machine']}",

@@ -16,6 +16,10 @@ What one number means:
   the pass. CPU (Linux): the rise of the process's peak resident set (``VmHWM``, reset through
   ``/proc/self/clear_refs``) above its resident set before the pass, after ``malloc_trim`` has returned freed heap
   pages; it includes allocator slack, so compare CPU figures only with CPU figures. ``None`` where neither exists.
+* **training throughput** (img/s): one optimiser step per pass at ``train_batch_size``, as the method trains: forward
+  and loss terms in train mode (under autocast for bf16/fp16, compiled with ``compile``; no gradient scaler), backward
+  of their sum, AdamW step. The same warm-up, interleaved rounds, synchronisation and median as inference, in a pass of
+  its own after it (``train_batch_size: null`` skips it).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,7 @@ class SpeedSettings:
     iters: int = 1
     latency_repeats: int = 10
     latency_iters: int = 1
+    train_batch_size: int | None = None  # None: no training step is timed (tokred-report times exported models)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -59,6 +65,8 @@ class SpeedSettings:
         for name in ("batch_size", "warmup", "repeats", "iters", "latency_iters"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.train_batch_size is not None and self.train_batch_size < 1:
+            raise ValueError(f"train_batch_size={self.train_batch_size} must be >= 1 (null: no training step)")
         if self.latency_repeats < 0:
             raise ValueError(f"latency_repeats={self.latency_repeats} must be >= 0 (0 skips batch-1 latency)")
         if self.compile and self.warmup < 2:
@@ -82,6 +90,12 @@ class Speed:
     throughput_iqr_pct: float
     latency_ms: float | None
     peak_mem_mb: float | None
+
+
+@dataclass(frozen=True)
+class TrainSpeed:
+    throughput: float
+    throughput_iqr_pct: float
 
 
 def setup(settings: SpeedSettings) -> torch.device:
@@ -135,20 +149,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def _inference(device: torch.device, precision: str) -> Iterator[None]:
-    dtype = PRECISIONS[precision]
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+    with torch.inference_mode(), _autocast(device, precision):
         yield
 
 
-def _seconds_per_pass(model: nn.Module, x: torch.Tensor, iters: int, device: torch.device) -> float:
+def _seconds_per_pass(run: Callable[[], Any], iters: int, device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
     for _ in range(iters):
-        model(x)
+        run()
     _sync(device)
     return (time.perf_counter() - start) / iters
+
+
+def _interleaved(
+    passes: Mapping[str, Callable[[], Any]],
+    repeats: int,
+    iters: int,
+    device: torch.device,
+    tick: Callable[[str], None],
+) -> dict[str, list[float]]:
+    """Seconds per pass of every ``passes`` entry in each of ``repeats`` round-robin rounds (odd rounds reversed)."""
+    names = list(passes)
+    rounds: dict[str, list[float]] = {n: [] for n in names}
+    for k in range(repeats):
+        for name in names if k % 2 == 0 else reversed(names):
+            rounds[name].append(_seconds_per_pass(passes[name], iters, device))
+            tick(name)
+    return rounds
 
 
 def _proc_status_kb(key: str) -> int:
@@ -212,32 +247,24 @@ def measure_speed(
 
     names = list(models)
     memory: dict[str, float | None] = {}
-    rounds: dict[str, list[float]] = {n: [] for n in names}
     latency: dict[str, list[float]] = {n: [] for n in names}
+
+    def passes(size: int) -> dict[str, Callable[[], Any]]:
+        return {name: partial(model, batch(size, img)) for name, (model, img) in models.items()}
+
     with _inference(device, settings.precision):
-        for name in names:
-            model, img = models[name]
-            x = batch(settings.batch_size, img)
+        for name, run in passes(settings.batch_size).items():
             for _ in range(settings.warmup - 1):
-                model(x)
+                run()
                 tick(name)
-            memory[name] = _peak_memory_mb(lambda: model(x), device)  # noqa: B023 - called right here
+            memory[name] = _peak_memory_mb(run, device)
             tick(name)
-        for k in range(settings.repeats):
-            for name in names if k % 2 == 0 else reversed(names):
-                model, img = models[name]
-                rounds[name].append(_seconds_per_pass(model, batch(settings.batch_size, img), settings.iters, device))
-                tick(name)
+        rounds = _interleaved(passes(settings.batch_size), settings.repeats, settings.iters, device, tick)
         if settings.latency_repeats:
-            for name in names:  # batch 1 is a new shape: one untimed pass (a recompile under torch.compile)
-                model, img = models[name]
-                model(batch(1, img))
+            for name, run in passes(1).items():  # batch 1 is a new shape: one untimed pass (a recompile if compiled)
+                run()
                 tick(name)
-            for k in range(settings.latency_repeats):
-                for name in names if k % 2 == 0 else reversed(names):
-                    model, img = models[name]
-                    latency[name].append(_seconds_per_pass(model, batch(1, img), settings.latency_iters, device))
-                    tick(name)
+            latency = _interleaved(passes(1), settings.latency_repeats, settings.latency_iters, device, tick)
     return {
         name: Speed(
             throughput=settings.batch_size / statistics.median(rounds[name]),
@@ -252,3 +279,47 @@ def measure_speed(
 def steps_per_model(settings: SpeedSettings) -> int:
     """How many times :func:`measure_speed` ticks per model (for progress bars)."""
     return settings.warmup + settings.repeats + (1 + settings.latency_repeats if settings.latency_repeats else 0)
+
+
+def train_step(
+    loss_terms: Callable[[torch.Tensor], Mapping[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    settings: SpeedSettings,
+    device: torch.device,
+) -> Callable[[torch.Tensor], None]:
+    """One optimiser step on a batch of images: ``loss_terms(images)`` (the model's named loss terms, in train mode)
+    under autocast as configured and compiled with ``compile``, backward of their sum, ``optimizer.step()``."""
+    terms_of = torch.compile(loss_terms) if settings.compile else loss_terms
+
+    def step(images: torch.Tensor) -> None:
+        with _autocast(device, settings.precision):  # backward outside autocast, as torch's AMP recipe has it
+            loss = torch.stack([t.float() for t in terms_of(images).values()]).sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # gradients are not held between steps, as in a training loop
+
+    return step
+
+
+def measure_train_speed(
+    steps: Mapping[str, tuple[Callable[[torch.Tensor], None], int]],
+    settings: SpeedSettings,
+    device: torch.device,
+    tick: Callable[[str], None] = lambda name: None,
+) -> dict[str, TrainSpeed]:
+    """Time ``{name: (train_step(...), img_size)}`` interleaved at ``settings.train_batch_size``, like
+    :func:`measure_speed`: ``warmup`` untimed steps each, then ``repeats`` rounds of ``iters`` steps."""
+    size = settings.train_batch_size
+    inputs = {img: torch.randn(size, 3, img, img, device=device) for img in {img for _, img in steps.values()}}
+    passes = {name: partial(step, inputs[img]) for name, (step, img) in steps.items()}
+    for name, run in passes.items():
+        for _ in range(settings.warmup):
+            run()
+            tick(name)
+    rounds = _interleaved(passes, settings.repeats, settings.iters, device, tick)
+    return {name: TrainSpeed(size / statistics.median(rounds[name]), _iqr_pct(rounds[name])) for name in passes}
+
+
+def train_steps_per_model(settings: SpeedSettings) -> int:
+    """How many times :func:`measure_train_speed` ticks per model (0: the training step is not timed)."""
+    return 0 if settings.train_batch_size is None else settings.warmup + settings.repeats

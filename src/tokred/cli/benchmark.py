@@ -1,4 +1,5 @@
-"""``tokred-benchmark [overrides]``: cost and speed of every backbone x registered reducer (conf/benchmark.yaml).
+"""``tokred-benchmark [--config-name=NAME] [overrides]``: cost and speed of every backbone x registered reducer
+(conf/benchmark.yaml, or a preset built on it such as conf/benchmark_gpu.yaml).
 
 Writes experiments/results/<machine>/benchmark.{csv,json,md} and PNG plots, prints the markdown table. Exits 1
 (after writing everything) when a row could not be built, listing why.
@@ -19,12 +20,15 @@ from tokred.config import compose_config, fail, print_help, wants_help
 
 def main() -> None:
     args = sys.argv[1:]
-    if wants_help(args):
-        print_help("tokred-benchmark", "benchmark")
-        return
     command = shlex.join(["tokred-benchmark", *args])
+    config_name = "benchmark"
+    if args and args[0].startswith("--config-name="):
+        config_name = args.pop(0).split("=", 1)[1]
+    if wants_help(args):
+        print_help("tokred-benchmark", config_name)
+        return
     try:
-        cfg = compose_config(args, config_name="benchmark")
+        cfg = compose_config(args, config_name=config_name)
         machine, rows, failed = run_benchmark(
             cfg, progress=lambda total: tqdm(total=total, desc="benchmark", unit="step", dynamic_ncols=True)
         )

@@ -361,6 +361,14 @@ def finish(
         )
     stats = model_stats(model, img_size, counted=False)
     stats |= attempt("counting FLOPs", lambda: {"model/gmacs_counted": counted_gmacs(model.deployable(), img_size)}, {})
+    # The benchmark's cost of one training step (imported here: the benchmark package builds models through this one).
+    from tokred.benchmark.harness import train_cost
+
+    stats |= attempt(
+        "costing a training step",
+        lambda: {"model/train_gmacs": train_cost(model, model.build_teacher())["train_gmacs"]},
+        {},
+    )
     summary = {
         "backbone": cfg.backbone.name,
         "backbone_model": cfg.backbone.model,
@@ -375,6 +383,7 @@ def finish(
         "test/acc1": final.get("test/acc1"),
         "test/acc5": final.get("test/acc5"),
         "global_step": step,
+        "train/img_s": metrics.get("train/img_s"),  # the fits' images per second of training, where measured
         "run_dir": str(run_dir),
         "checkpoints": str(run_dir / "checkpoints"),
         "logs": logger.location() if logger is not None else "none (logger=null)",
