@@ -271,6 +271,7 @@ def test_standalone_checkpoint_loads_safely(tmp_path):
         ("reducer.search_epochs=0", "reducer.search_epochs"),
         ("reducer.retrain_epochs=0", "reducer.retrain_epochs"),
         ("reducer.search_lr=0", "reducer.search_lr"),
+        ("reducer.align=0", "reducer.align=0 must be >= 1"),
         ("+reducer.budget.heads=0.5", "valid knobs"),
     ],
 )
@@ -325,3 +326,116 @@ def test_the_yaml_mirrors_the_config_defaults():
     from tokred.reducers.vit_slim import Config
 
     assert reducer_config(compose_config(["reducer=vit_slim"]).reducer) == Config()
+
+
+# Issue 16: prefix tokens (registers, distillation token) and CLS-free models. 64 px for 16-px patches, 56 px for
+# 14-px ones: 16 patches each.
+PREFIX_BACKBONES = [
+    "deit_small_patch16_224",
+    "vit_small_patch14_reg4_dinov2",
+    "deit_small_distilled_patch16_224",
+    "vit_medium_patch16_gap_256",
+    "vit_base_patch16_siglip_224",
+]
+
+
+def _timm_vit(name: str) -> tuple[nn.Module, torch.Tensor]:
+    import timm
+
+    size = 56 if "patch14" in name else 64
+    torch.manual_seed(0)
+    vit = timm.create_model(name, img_size=size, num_classes=10).eval()
+    return vit, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("backbone", PREFIX_BACKBONES)
+def test_prefix_tokens_pass_through_and_cls_free_models_slim(backbone):
+    vit, images = _timm_vit(backbone)
+    prefix = vit.num_prefix_tokens
+    with torch.no_grad():
+        reference = vit(images)
+    # Neutral: nothing slimmed, every pooling (CLS, CLS + dist token, average, attention pool) as timm's own.
+    neutral = slim_reducer(vit, budget={"attn": 1.0, "mlp": 1.0, "patch": 1.0})
+    assert neutral.mask_tokens.shape[1] == vit.patch_embed.num_patches  # prefix tokens have no mask: never ranked
+    with torch.no_grad():
+        neutral.mask_tokens.fill_(30.0)  # tanh = 1
+        torch.testing.assert_close(neutral(images), reference, atol=1e-4, rtol=0)
+        torch.testing.assert_close(neutral.deployable()(images), reference, atol=1e-4, rtol=0)
+
+    # Token pruning only: the slim model equals gathering the prefix rows and the kept patches before each block.
+    pruned = searched_like(slim_reducer(vit, budget={"attn": 1.0, "mlp": 1.0, "patch": 0.5}), 3)
+    slim = pruned.deployable()
+    x, current = embed(vit, images), list(range(vit.patch_embed.num_patches))
+    with torch.no_grad():
+        for blk, keep in zip(vit.blocks, slim.keep.tokens):
+            wanted = keep.nonzero().flatten().tolist()
+            x = x[:, list(range(prefix)) + [prefix + current.index(p) for p in wanted]]
+            x, current = blk(x), wanted
+        torch.testing.assert_close(slim(images), classify(vit, x), atol=1e-4, rtol=0)
+    assert slim.cost().tokens_per_block == [prefix + int(k.sum()) for k in slim.keep.tokens]
+    assert any(layout.tokens is not None for layout in slim.layouts)
+    for layout in slim.layouts:
+        assert layout.tokens is None or layout.tokens[:prefix].tolist() == list(range(prefix))
+
+    # Channels and tokens slimmed: the analytic cost is what runs (attention pool over the kept tokens included).
+    model = searched_like(slim_reducer(vit, budget={"attn": 0.6, "mlp": 0.5, "patch": 0.6}))
+    slim = model.deployable()
+    with torch.no_grad():
+        assert torch.isfinite(slim(images)).all()
+    assert counted_gmacs(slim, images.shape[-1]) == pytest.approx(slim.cost().gmacs, rel=1e-6)
+
+
+def test_the_token_ranking_ignores_the_registers():
+    """The same token masks select the same patches on a model with 4 registers and on one without."""
+    keeps = []
+    for name in ("vit_small_patch14_reg4_dinov2", "vit_small_patch14_dinov2"):
+        vit, _ = _timm_vit(name)
+        model = searched_like(slim_reducer(vit, budget={"attn": 1.0, "mlp": 1.0, "patch": 0.4}), 5)
+        keeps.append(model.current_keep().tokens)
+    assert torch.equal(keeps[0], keeps[1]) and 0 < keeps[0].float().mean() < 1
+
+
+def test_padded_heads_compute_exactly_the_unpadded_slim_model(make_vit):
+    vit = make_vit(embed_dim=64, num_heads=4)
+    keep = searched_like(slim_reducer(vit, budget={"attn": 0.55, "mlp": 0.5, "patch": 0.7})).current_keep()
+    plain = slim_reducer(make_vit(embed_dim=64, num_heads=4))  # the same seeded weights, slimmed two ways
+    padded = slim_reducer(make_vit(embed_dim=64, num_heads=4), pad_heads=True)
+    plain._slim(keep)
+    padded._slim(keep)
+    assert max(len(layout.groups) for layout in plain.layouts) > 1  # uneven heads: several attention calls
+    assert all(len(layout.groups) == 1 for layout in padded.layouts if layout.groups)  # one call per block
+    torch.testing.assert_close(padded(IMAGES), plain(IMAGES), atol=1e-5, rtol=0)
+    assert padded.cost().gmacs > plain.cost().gmacs  # the zeros are computed, so they are counted
+    assert counted_gmacs(padded, 32) == pytest.approx(padded.cost().gmacs, rel=1e-6)
+
+
+@pytest.mark.parametrize("align, pad_heads", [(8, False), (8, True), (1, True)])
+def test_hardware_aware_extraction_aligns_widths_within_the_budget(make_vit, align, pad_heads):
+    vit = make_vit(embed_dim=64, num_heads=2)  # head dim 32, 256 MLP units
+    budget = {"attn": 0.6, "mlp": 0.55, "patch": 0.8}
+    target = searched_like(slim_reducer(vit, budget=budget)).cost().gmacs
+    model = searched_like(slim_reducer(vit, budget=budget, align=align, pad_heads=pad_heads))
+    slim = model.deployable()
+    assert 0.99 * target <= slim.cost().gmacs <= target
+    assert counted_gmacs(slim, 32) == pytest.approx(slim.cost().gmacs, rel=1e-6)
+    widths = torch.cat([slim.keep.attn.sum(-1).flatten(), slim.keep.mlp.sum(-1)])
+    assert (widths % align == 0).all()
+    if pad_heads:
+        assert all(len(layout.groups) <= 1 for layout in slim.layouts)
+    # The ranking decides: in every head and every MLP, each kept unit outranks each pruned one.
+    masks = searched_like(slim_reducer(vit))
+    for values, kept in ((masks.mask_attn, slim.keep.attn), (masks.mask_mlp, slim.keep.mlp)):
+        values, kept = values.detach().reshape(-1, values.shape[-1]), kept.reshape(-1, kept.shape[-1])
+        for row, keep in zip(values, kept):
+            if keep.any() and not keep.all():
+                assert row[keep].min() >= row[~keep].max()
+
+
+def test_hardware_aware_checkpoint_loads_back(tmp_path):
+    cfg = compose_config(["reducer=vit_slim", "reducer.align=8", "reducer.pad_heads=true", "reducer.budget.patch=0.5"])
+    model = searched_like(build_model(cfg, 10))
+    directory = save_deployable(
+        model, tmp_path / "slim", {k: OmegaConf.to_container(cfg[k]) for k in ("backbone", "reducer")}
+    )
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(load_deployable(directory)(images), model.deployable()(images))

@@ -67,7 +67,7 @@ class Budget:
 
     attn: float = 0.7  # (head, dim) slots of q/k/v
     mlp: float = 0.7  # MLP hidden units
-    patch: float = 1.0  # patch tokens over all blocks (CLS is always kept)
+    patch: float = 1.0  # patch tokens over all blocks (prefix tokens -- CLS, registers, dist token -- always kept)
 
     def __post_init__(self) -> None:
         for knob, what in (
@@ -104,9 +104,19 @@ class Config(ReducerConfig):
     search_lr: float = 5e-4  # constant (no warm-up, decay or batch scaling), as the official search
     search_weight_decay: float = 1e-3
     retrain_epochs: Optional[int] = None  # None: trainer.max_epochs
+    # Hardware-aware extraction (none of it is in the paper). align: every kept width -- each head's dims, each
+    # block's MLP units -- a multiple of this (the search's ranking of chunks of `align` units decides which round up
+    # or down), so the GEMMs get the widths their kernels tile. pad_heads: every kept head of a block is zero-padded
+    # to the block's widest one, so the block runs one attention call instead of one per distinct width. Either way
+    # the structure is then refitted to the GMACs of the plain extraction at the budget, within [-1 %, 0] (padding
+    # is counted: it is real work), dropping or adding chunks in the ranking's order.
+    align: int = 1
+    pad_heads: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.align < 1:
+            raise ValueError(f"reducer.align={self.align} must be >= 1 (1: widths as the budget gives them)")
         if self.token_rule not in TOKEN_RULES:
             raise ValueError(f"reducer.token_rule={self.token_rule!r}; choose one of: {', '.join(TOKEN_RULES)}")
         if len(self.l1_weights) != 3 or any(w < 0 for w in self.l1_weights):
@@ -195,13 +205,43 @@ def _top_fraction(values: torch.Tensor, fraction: float) -> torch.Tensor:
     count is the same when there are no ties, and with ties (masks at their init) still keeps exactly the count.
     Ties go to the lower position within the unit (last axis), then the lower block, then the lower head.
     """
+    n = values.numel()
+    return _top_count(values, n - math.floor(round((1 - fraction) * n, 6)))  # round: (1-0.9)*10 must not floor to 0
+
+
+def _top_count(values: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` largest of ``values`` (L, [H,] U) as a bool tensor, ties broken as in :func:`_top_fraction`."""
     by_position = values.movedim(-1, 0)
-    n = by_position.numel()
-    count = n - math.floor(round((1 - fraction) * n, 6))  # round: (1-0.9)*10 must not floor to 0
     order = torch.sort(by_position.reshape(-1), descending=True, stable=True).indices
-    keep = torch.zeros(n, dtype=torch.bool)
+    keep = torch.zeros(by_position.numel(), dtype=torch.bool)
     keep[order[:count]] = True
     return keep.view(by_position.shape).movedim(0, -1)
+
+
+class _Chunks:
+    """The units of each row (a head's dims, a block's MLP units) in the search's ranking order (value, then
+    position), cut into chunks of ``align``: a row keeps its first ``count`` chunks. A chunk's score is the mean mask
+    value of its units, non-increasing along a row, so a global top-k over chunk scores keeps prefixes of rows."""
+
+    def __init__(self, values: torch.Tensor, align: int) -> None:
+        self.shape = values.shape
+        rows = values.reshape(-1, values.shape[-1])
+        ranked, self.order = torch.sort(rows, dim=-1, descending=True, stable=True)
+        self.align, self.units = align, rows.shape[1]
+        self.scores = torch.stack([c.mean(-1) for c in ranked.split(align, dim=-1)], dim=-1)  # (R, chunks)
+
+    def initial(self, kept_units: int) -> list[int]:
+        """Chunks per row: the top round(kept_units / align) chunks over all rows."""
+        chunks = _top_count(self.scores, round(kept_units / self.align))
+        return chunks.sum(-1).tolist()
+
+    def width(self, count: int) -> int:
+        return min(count * self.align, self.units)
+
+    def mask(self, counts: list[int]) -> torch.Tensor:
+        ranks = torch.empty_like(self.order).scatter_(-1, self.order, torch.arange(self.units).expand_as(self.order))
+        widths = torch.tensor([self.width(c) for c in counts]).unsqueeze(1)
+        return (ranks < widths).view(self.shape)
 
 
 def _monotone_tokens(selected: torch.Tensor, rule: str) -> torch.Tensor:
@@ -257,7 +297,8 @@ def _grouped_attention(attn: nn.Module, layout: _SlimLayout, h: torch.Tensor) ->
         return attn.proj_drop(attn.proj(h.new_zeros(*h.shape[:-1], 0)))
     q, k, v = attn.qkv(h).split(width, dim=-1)
     full_qk = not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity))
-    outputs, start = [], 0
+    # Each group writes its heads straight into their columns: one copy, not a flatten and then a cat.
+    merged, start = h.new_empty(*h.shape[:-1], width), 0
     for n_heads, w in layout.groups:
         span = slice(start, start + n_heads * w)
         qg, kg, vg = (split_heads(t[..., span], n_heads) for t in (q, k, v))
@@ -267,9 +308,9 @@ def _grouped_attention(attn: nn.Module, layout: _SlimLayout, h: torch.Tensor) ->
         out = F.scaled_dot_product_attention(
             attn.q_norm(qg), attn.k_norm(kg), vg, scale=attn.scale, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
-        outputs.append(out.transpose(1, 2).flatten(2))
+        merged[..., span].unflatten(-1, (n_heads, w)).copy_(out.transpose(1, 2))
         start += n_heads * w
-    return attn.proj_drop(attn.proj(torch.cat(outputs, dim=-1)))
+    return attn.proj_drop(attn.proj(merged))
 
 
 def _gated_mlp(mlp: Mlp, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -325,8 +366,10 @@ class ViTSlim(TokenReducer):
             "mlp": (depth, first.mlp.fc1.out_features),
             "tokens": (depth, vit.patch_embed.num_patches),
         }
-        # Raw masks, no activation for attention/MLP (init 1); tanh of the token masks. CLS has no token mask, so
-        # it can never be pruned (the official code's 197-entry mask could prune it).
+        # Raw masks, no activation for attention/MLP (init 1); tanh of the token masks. Prefix tokens (CLS, registers,
+        # distillation token) have no token mask, so they can never be pruned (the official code's 197-entry mask
+        # could prune CLS). Nothing here reads a CLS token: models without one (average or attention pooling) slim
+        # the same way, and classify() pools over the tokens each image keeps.
         self.mask_attn = nn.Parameter(torch.ones(self.shapes["attn"]))
         self.mask_mlp = nn.Parameter(torch.ones(self.shapes["mlp"]))
         self.mask_tokens = nn.Parameter(torch.full(self.shapes["tokens"], TOKEN_MASK_INIT))
@@ -353,7 +396,7 @@ class ViTSlim(TokenReducer):
                 x = x + blk.drop_path1(blk.ls1(_grouped_attention(blk.attn, layout, blk.norm1(x))))
                 x = x + mlp_residual(blk, x)
             return classify(self.vit, x)
-        token_gates = F.pad(torch.tanh(self.mask_tokens), (1, 0), value=1.0)  # CLS first, never masked
+        token_gates = F.pad(torch.tanh(self.mask_tokens), (self.vit.num_prefix_tokens, 0), value=1.0)  # prefix first
         for blk, z_attn, z_mlp, z_tok in zip(self.vit.blocks, self.mask_attn, self.mask_mlp, token_gates):
             z_tok = z_tok.view(1, -1, 1)
             z = z_attn.view(1, z_attn.shape[0], 1, -1)  # one entry gates the same (head, dim) of q, k and v
@@ -493,9 +536,82 @@ class ViTSlim(TokenReducer):
             _monotone_tokens(tokens, self.cfg.token_rule),
         )
 
+    def _structure(self, budget: Budget) -> Keep:
+        """The extraction at ``budget``: the ranking's selection, refitted to the hardware knobs if any are set."""
+        keep = self._select(**asdict(budget))
+        if self.cfg.align == 1 and not self.cfg.pad_heads:
+            return keep
+        return self._fit_to_hardware(keep, budget)
+
+    @torch.no_grad()
+    def _fit_to_hardware(self, keep: Keep, budget: Budget) -> Keep:
+        """``keep`` with aligned widths (and padded heads costed), its MACs brought within [-1 %, 0] of ``keep``'s.
+
+        Greedy in the ranking's order: while over, the lowest-scored last chunk of a row goes (only where that saves
+        MACs: under padding, narrowing a head other than the block's only widest one does not); then, while a chunk
+        still fits, the highest-scored next chunk comes back. The mask type further above its budget fraction is
+        trimmed first, the one further below it grown first, so attention and MLP keep their budgets' proportion.
+        """
+        attn_rows = _Chunks(self.mask_attn.detach().float().cpu(), self.cfg.align)
+        mlp_rows = _Chunks(self.mask_mlp.detach().float().cpu(), self.cfg.align)
+        heads = self.shapes["attn"][1]
+        tokens = keep.tokens.sum(-1).tolist()
+        counts = {"attn": attn_rows.initial(int(keep.attn.sum())), "mlp": mlp_rows.initial(int(keep.mlp.sum()))}
+        rows = {"attn": attn_rows, "mlp": mlp_rows}
+        share = {
+            "attn": budget.attn * attn_rows.scores.shape[0] * attn_rows.units,
+            "mlp": budget.mlp * mlp_rows.scores.shape[0] * mlp_rows.units,
+        }
+
+        def block_macs(block: int, attn: list[int], mlp: list[int]) -> int:
+            widths = torch.tensor([attn_rows.width(c) for c in attn[block * heads : (block + 1) * heads]])
+            return self._block_cost(tokens[block], widths, mlp_rows.width(mlp[block])).macs()
+
+        def delta(kind: str, row: int, step: int) -> int:
+            block = row // heads if kind == "attn" else row
+            changed = {**counts, kind: [c + step * (i == row) for i, c in enumerate(counts[kind])]}
+            return block_macs(block, changed["attn"], changed["mlp"]) - block_macs(block, counts["attn"], counts["mlp"])
+
+        def fraction(kind: str) -> float:
+            return sum(rows[kind].width(c) for c in counts[kind]) / share[kind]
+
+        target = sum(b.macs() for b in self._cost(keep, pad=False).blocks)  # stem and head do not change
+        total = sum(block_macs(b, counts["attn"], counts["mlp"]) for b in range(len(tokens)))
+        while total > target:
+            for kind in sorted(counts, key=fraction, reverse=True):
+                options = [
+                    (float(rows[kind].scores[r, c - 1]), r)
+                    for r, c in enumerate(counts[kind])
+                    if c > 0 and delta(kind, r, -1) < 0
+                ]
+                if options:
+                    row = min(options)[1]
+                    total += delta(kind, row, -1)
+                    counts[kind][row] -= 1
+                    break
+            else:
+                break  # nothing left to drop
+        grown = True
+        while grown:
+            grown = False
+            for kind in sorted(counts, key=fraction):
+                chunks = rows[kind].scores.shape[1]
+                options = [
+                    (-float(rows[kind].scores[r, c]), r)
+                    for r, c in enumerate(counts[kind])
+                    if c < chunks and total + delta(kind, r, 1) <= target
+                ]
+                if options:
+                    row = min(options)[1]
+                    total += delta(kind, row, 1)
+                    counts[kind][row] += 1
+                    grown = True
+                    break
+        return Keep(attn_rows.mask(counts["attn"]), mlp_rows.mask(counts["mlp"]), keep.tokens)
+
     def current_keep(self) -> Keep:
         """The slim model's structure, or while searching the one extraction would give now."""
-        return self.keep if self.slim else self._select(**asdict(self.budget()))
+        return self.keep if self.slim else self._structure(self.budget())
 
     def kept_fractions(self) -> dict[str, float]:
         return {k: round(float(v.float().mean()), 4) for k, v in asdict(self.current_keep()).items()}
@@ -503,23 +619,41 @@ class ViTSlim(TokenReducer):
     def extract(self) -> None:
         """Slim the model at the budget from the current masks."""
         budget = self.budget()
-        self._slim(self._select(**asdict(budget)))
+        self._slim(self._structure(budget))
         self.slim_budget = asdict(budget)
+
+    def _slots(self, k_attn: torch.Tensor) -> torch.Tensor:
+        """The (head, dim) slots a slim block computes for its kept slots ``k_attn`` (H, d): those, and with
+        ``pad_heads`` each kept head's first pruned dims too, up to the block's widest head (zero weights there)."""
+        if not self.cfg.pad_heads:
+            return k_attn
+        widths = k_attn.sum(-1, keepdim=True)
+        missing = (widths.max() - widths) * (widths > 0)
+        return k_attn | (~k_attn & ((~k_attn).cumsum(-1) <= missing))
 
     def _slim(self, keep: Keep) -> None:
         """Physically slim every block to ``keep``, copying the kept weights unscaled (the binary mask is 1 there),
-        and drop the masks."""
+        and drop the masks. Padding slots (``pad_heads``) get zero q/k/v weights and biases and zero proj columns:
+        they add nothing to q.k and output nothing, so the padded block computes exactly the unpadded one."""
+        prefix = self.vit.num_prefix_tokens
         previous = torch.arange(self.shapes["tokens"][1])
         for blk, k_attn, k_mlp, k_tok in zip(self.vit.blocks, keep.attn, keep.mlp, keep.tokens):
             attn, head_dim = blk.attn, blk.attn.head_dim
-            widths = k_attn.sum(-1).tolist()
+            slots = self._slots(k_attn)
+            widths = slots.sum(-1).tolist()
             heads = sorted((h for h in range(len(widths)) if widths[h]), key=lambda h: (widths[h], h))
-            dims = torch.cat([k_attn[h].nonzero().flatten() for h in heads] or [torch.zeros(0, dtype=torch.long)])
+            dims = torch.cat([slots[h].nonzero().flatten() for h in heads] or [torch.zeros(0, dtype=torch.long)])
             channels = torch.cat(
-                [h * head_dim + k_attn[h].nonzero().flatten() for h in heads] or [torch.zeros(0, dtype=torch.long)]
+                [h * head_dim + slots[h].nonzero().flatten() for h in heads] or [torch.zeros(0, dtype=torch.long)]
             )
             attn.qkv = _sub_linear(attn.qkv, rows=torch.cat([s * attn.attn_dim + channels for s in range(3)]))
             attn.proj = _sub_linear(attn.proj, cols=channels)
+            padding = ~k_attn.flatten()[channels]  # per slim channel
+            with torch.no_grad():
+                attn.qkv.weight[padding.repeat(3)] = 0
+                if attn.qkv.bias is not None:
+                    attn.qkv.bias[padding.repeat(3)] = 0
+                attn.proj.weight[:, padding] = 0
             units = k_mlp.nonzero().flatten()
             blk.mlp.fc1 = _sub_linear(blk.mlp.fc1, rows=units)
             blk.mlp.fc2 = _sub_linear(blk.mlp.fc2, cols=units)
@@ -528,8 +662,8 @@ class ViTSlim(TokenReducer):
             if not torch.isin(current, previous).all():
                 raise ValueError("vit_slim structure: token sets must not grow with depth")
             rows = None
-            if len(current) != len(previous):
-                rows = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.searchsorted(previous, current)])
+            if len(current) != len(previous):  # every prefix token (CLS, registers, dist token) stays, first
+                rows = torch.cat([torch.arange(prefix), prefix + torch.searchsorted(previous, current)])
             previous = current
             groups: list[tuple[int, int]] = []
             for h in heads:
@@ -549,21 +683,30 @@ class ViTSlim(TokenReducer):
             self.extract()
 
     # ---------------------------------------------------------------- accounting and structure
-    def _cost(self, keep: Keep) -> ModelCost:
+    def _block_cost(self, patches: int, widths: torch.Tensor, mlp: int, pad: bool | None = None) -> BlockCost:
+        """One slim block on ``patches`` patch tokens (plus every prefix token) with heads of real ``widths`` (H,),
+        padded to the widest with ``pad`` (default ``pad_heads``): the padding is computed, so it is counted."""
+        n = self.vit.num_prefix_tokens + patches
+        heads = int((widths > 0).sum())
+        pad = self.cfg.pad_heads if pad is None else pad
+        s = heads * int(widths.max()) if pad else int(widths.sum())
+        # With q/k-norm, q.k runs at the full width of every kept head (see _grouped_attention).
+        full_qk = not isinstance(self.vit.blocks[0].attn.q_norm, nn.Identity)
+        extra = n * n * (self.shapes["attn"][2] * heads - s) if full_qk else 0
+        return BlockCost(n, n, self.vit.embed_dim, s, s, mlp, extra)
+
+    def _cost_widths(self, widths: torch.Tensor, mlp: list[int], patches: list[int], pad: bool | None) -> ModelCost:
+        """Analytic MACs of a slim model with per-head widths (L, H), MLP widths and patch counts per block."""
+        blocks = [self._block_cost(p, w, m, pad) for w, m, p in zip(widths, mlp, patches)]
+        # An attention-pooling head (SigLIP) attends over the tokens leaving the last block.
+        head = head_macs(self.vit, n_out=blocks[-1].n_q)
+        return ModelCost(blocks, stem_macs(self.vit), head, tokens_per_block=[b.n_q for b in blocks])
+
+    def _cost(self, keep: Keep, pad: bool | None = None) -> ModelCost:
         """Analytic MACs of the slim model for ``keep``: linear layers + the two attention matmuls (tokred's DeiT
         convention). The official get_flops also counts softmax (5Hn^2), biases and LayerNorms and costs block l
         with block l-1's token count; the difference is ~0.5% (DeiT-S 70/70: 3.24 GMACs, the paper says 3.3)."""
-        embed_dim, head_dim = self.vit.embed_dim, self.shapes["attn"][2]
-        full_qk = not isinstance(self.vit.blocks[0].attn.q_norm, nn.Identity)
-        blocks = []
-        for k_attn, k_mlp, k_tok in zip(keep.attn, keep.mlp, keep.tokens):
-            n = 1 + int(k_tok.sum())
-            widths = k_attn.sum(-1)
-            s = int(widths.sum())
-            # With q/k-norm, q.k runs at the full width of every kept head (see _grouped_attention).
-            extra = n * n * (head_dim * int((widths > 0).sum()) - s) if full_qk else 0
-            blocks.append(BlockCost(n, n, embed_dim, s, s, int(k_mlp.sum()), extra))
-        return ModelCost(blocks, stem_macs(self.vit), head_macs(self.vit), tokens_per_block=[b.n_q for b in blocks])
+        return self._cost_widths(keep.attn.sum(-1), keep.mlp.sum(-1).tolist(), keep.tokens.sum(-1).tolist(), pad)
 
     def cost(self) -> ModelCost:
         return self._cost(self.current_keep())
