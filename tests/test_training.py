@@ -152,6 +152,7 @@ def test_phases_log_into_one_run_with_monotonic_steps_and_resume_inside_a_later_
     assert (run_dir / "phases/search.pt").is_file() and not (run_dir / "phases/finetune.pt").exists()
     summary = train(cfg)  # the same directory: search is skipped, finetune resumes at its step 2
     assert summary["global_step"] == 6
+    assert summary["train/img_s"] > 0  # timed over the (resumed) fit's training batches
     rows = list(csv.DictReader((run_dir / "csv/metrics.csv").open()))
     steps = [int(r["step"]) for r in rows]
     assert steps == sorted(steps) and max(steps) == 6, "one monotonic step axis across phases and the resume"

@@ -4,6 +4,7 @@ the ``logger`` group: config entries with a ``_target_``, built with Hydra's ins
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -81,3 +82,26 @@ def build_callbacks(cfg: Mapping[str, Any] | None, dirpath: Path | None = None) 
 def batch_size(batch: tuple[Any, Any]) -> int:
     """Images in an (images, labels) batch: ThroughputMonitor's ``batch_size_fn``."""
     return len(batch[0])
+
+
+class TrainThroughput(Callback):
+    """Training images per second over the fit's training batches only (forward, backward, optimiser step; not the
+    validation, data-loader start-up or checkpoint writes between them): ``train/img_s`` in the run's summary, the
+    number the benchmark's training rows predict. Host clock per batch; on a GPU the queue is bounded, so over a
+    fit's many batches the sum tracks the device time without a synchronisation per step."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.seconds += time.perf_counter() - self._start
+        self.images += len(batch[0]) * trainer.world_size
+
+    @property
+    def img_s(self) -> float | None:
+        return self.images / self.seconds if self.seconds > 0 else None

@@ -30,7 +30,7 @@ from tokred.flops import count_params, counted_gmacs
 from tokred.io import atomic_write_json
 from tokred.reducers import create_reducer
 from tokred.reducers.base import Phase, TokenReducer
-from tokred.training.callbacks import build_callbacks
+from tokred.training.callbacks import TrainThroughput, build_callbacks
 from tokred.training.loggers import build_logger
 from tokred.training.module import NonFiniteLossError, TokredModule
 from tokred.training.optim import effective_lr
@@ -151,7 +151,8 @@ def _fit(
     optim = OmegaConf.to_container(cfg.optim, resolve=True) | phase.optim
     directory = checkpoint_dir(run_dir, phase.name)
     callbacks = build_callbacks(cfg.get("callbacks"), directory)  # anew per phase: a callback's state is its fit's
-    trainer = build_trainer(cfg, run_dir, logger, [*callbacks, *extra_callbacks], max_epochs=phase.epochs)
+    throughput = TrainThroughput()
+    trainer = build_trainer(cfg, run_dir, logger, [*callbacks, *extra_callbacks, throughput], max_epochs=phase.epochs)
     global_batch = int(cfg.dataset.batch_size) * trainer.world_size * int(cfg.trainer.get("accumulate_grad_batches", 1))
     label_smoothing = float(cfg.optim.get("label_smoothing", 0.0))
     module = TokredModule(
@@ -179,6 +180,8 @@ def _fit(
     )
     if best is not None:
         metrics["val/acc1_best"] = float(best)
+    if throughput.img_s is not None:
+        metrics["train/img_s"] = throughput.img_s
     return trainer.global_step, metrics
 
 
