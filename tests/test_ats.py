@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import pytest
+import timm
 import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
@@ -320,6 +321,121 @@ def test_unreachable_budget_names_the_range(make_vit):
         ats(make_vit(depth=8), target_ratio=0.2)
     with pytest.raises(ValueError, match="reducer.blocks is empty"):
         ats(make_vit(depth=8), target_ratio=0.5, blocks=[])
+
+
+# ---------------------------------------------------------------- prefix tokens and CLS-free backbones (issue 16)
+
+# One backbone per prefix/pooling layout of issue 16, untrained, 4 blocks, at a small size: (name, img_size).
+PREFIX_BACKBONES = [
+    ("deit_small_patch16_224", 64),  # CLS
+    ("vit_small_patch14_reg4_dinov2", 56),  # CLS + 4 registers, LayerScale
+    ("deit_small_distilled_patch16_224", 64),  # CLS + distillation token, two heads
+    ("vit_medium_patch16_gap_256", 64),  # no CLS, average pooling
+    ("vit_base_patch16_siglip_224", 64),  # no CLS, attention pooling
+]
+
+
+def prefix_vit(name: str, img_size: int):
+    torch.manual_seed(0)
+    # No grad: the FLOP counter cannot hook SigLIP's pooling latent expanded under no_grad.
+    return peaked(timm.create_model(name, pretrained=False, img_size=img_size, depth=4)).eval().requires_grad_(False)
+
+
+def prefix_images(img_size: int, b: int = 4) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(b, 3, img_size, img_size)
+
+
+@pytest.mark.parametrize("name, img_size", PREFIX_BACKBONES, ids=[n for n, _ in PREFIX_BACKBONES])
+def test_every_prefix_layout_samples_counts_exactly_and_keeps_the_baseline_at_the_neutral_setting(
+    name, img_size, monkeypatch
+):
+    vit = prefix_vit(name, img_size)
+    x = prefix_images(img_size)
+    with torch.no_grad():
+        expected = vit(x)
+        torch.testing.assert_close(ats(vit, blocks=[])(x), expected, atol=1e-4, rtol=1e-4)
+    model = ats(vit, num_tokens=12, blocks=[1, 2, 3])
+    counted = per_image_counted_macs(model, x)
+    # Exact per image (scores' q.K^T and the pooling included); cost() is their mean over the reference images.
+    assert model.image_macs(x).tolist() == counted
+    prefix = vit.num_prefix_tokens
+    assert max(model.cost(x).tokens_per_block[1:]) <= 12 and min(model.cost(x).tokens_per_block) > prefix
+    assert vit.has_class_token or len(set(counted)) > 1  # the CLS-free batches below are padded
+    with torch.no_grad():
+        logits = model(x)
+        for i in range(len(x)):  # padding (counts differ per image) never reaches the scores or the pooling
+            torch.testing.assert_close(model(x[i : i + 1])[0], logits[i], atol=1e-4, rtol=1e-4)
+    n = vit.patch_embed.num_patches  # sampling forced to keep every patch: every ATS computation is timm's block
+
+    def keep_all(scores, r, valid=None):
+        return torch.arange(n).expand(scores.shape[0], n), torch.full((scores.shape[0],), n)
+
+    monkeypatch.setattr(ats_module, "sample_tokens", keep_all)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, img_size", PREFIX_BACKBONES[1:3], ids=["registers", "distilled"])
+def test_prefix_tokens_pass_every_ats_block_and_are_never_candidates(name, img_size, monkeypatch):
+    model = ats(prefix_vit(name, img_size), num_tokens=10, blocks=[1, 2, 3])
+    prefix = model.vit.num_prefix_tokens
+    block, seen = ats_module.ATS._ats_block, []
+
+    def checked(self, blk, x, valid):
+        y, rows, valid_out = block(self, blk, x, valid)
+        seen.append(rows)
+        return y, rows, valid_out
+
+    monkeypatch.setattr(ats_module.ATS, "_ats_block", checked)
+    with torch.no_grad():
+        model(prefix_images(img_size))
+    assert len(seen) == 3
+    for rows in seen:
+        assert (rows[:, :prefix] == torch.arange(prefix)).all() and (rows[:, prefix:] >= prefix).all()
+
+
+def test_sampling_ignores_the_register_columns_of_the_cls_row(monkeypatch):
+    # Huge attention on the registers must not change which patches are sampled: they are no candidates, and the
+    # patches' scores are renormalised among themselves.
+    name, img_size = PREFIX_BACKBONES[1]
+    model = ats(prefix_vit(name, img_size), num_tokens=10, blocks=[1, 2, 3])
+    x = prefix_images(img_size)
+    expected = kept_sets(model, x)
+    scoring_row = ats_module.scoring_row
+
+    def register_heavy(*args):
+        row = scoring_row(*args).clone()
+        row[:, :, 1:5] *= 1e4
+        return row / row.sum(dim=-1, keepdim=True)
+
+    monkeypatch.setattr(ats_module, "scoring_row", register_heavy)
+    assert kept_sets(model, x) == expected
+    # Scores are those of the row with the register columns removed (a one-prefix layout).
+    generator = torch.Generator().manual_seed(0)
+    row, v = torch.randn(2, 3, 12, generator=generator).softmax(dim=-1), torch.randn(2, 3, 12, 4, generator=generator)
+    without = [0, *range(5, 12)]
+    torch.testing.assert_close(significance(row, v, num_prefix=5), significance(row[:, :, without], v[:, :, without]))
+
+
+def test_without_cls_tokens_are_scored_by_the_attention_they_receive(make_vit, monkeypatch):
+    vit = peaked(make_vit(depth=4, class_token=False, global_pool="avg"))
+    called = []
+    received = ats_module.scoring_attention
+
+    def spy(attn, q, k, has_cls):
+        called.append(has_cls)
+        return received(attn, q, k, has_cls)
+
+    monkeypatch.setattr(ats_module, "scoring_attention", spy)
+    with torch.no_grad():
+        ats(vit, num_tokens=9, blocks=[1, 2])(images(1))
+    assert called == [False, False]
+
+
+def test_a_k_within_the_prefix_is_rejected(make_vit):
+    with pytest.raises(ValueError, match="leaves no patch token beside the backbone's 8 prefix tokens"):
+        ats(make_vit(depth=4, reg_tokens=7), num_tokens=8)
 
 
 # ---------------------------------------------------------------- knobs

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -436,9 +437,72 @@ def test_knobs_that_do_not_fit_the_backbone_fail_at_construction(make_vit, knobs
         create_reducer({"name": "dynamicvit", "pruning_loc": LOCS, **knobs}, make_vit())
 
 
-def test_an_average_pooled_backbone_is_refused(make_vit):
-    with pytest.raises(ValueError, match="global_pool='avg'"):
-        dyn(make_vit(global_pool="avg"))
+# ---------------------------------------------------------------- prefix tokens and CLS-free backbones (issue 16)
+
+# One backbone per prefix/pooling layout of issue 16, untrained, 4 blocks, at a small size: (name, img_size).
+PREFIX_BACKBONES = [
+    ("deit_small_patch16_224", 64),  # CLS
+    ("vit_small_patch14_reg4_dinov2", 56),  # CLS + 4 registers, LayerScale
+    ("deit_small_distilled_patch16_224", 64),  # CLS + distillation token, two heads
+    ("vit_medium_patch16_gap_256", 64),  # no CLS, average pooling
+    ("vit_base_patch16_siglip_224", 64),  # no CLS, attention pooling
+]
+
+
+def prefix_vit(name: str, img_size: int):
+    torch.manual_seed(0)
+    # No grad: the FLOP counter cannot hook SigLIP's pooling latent expanded under no_grad.
+    return peaked(timm.create_model(name, pretrained=False, img_size=img_size, depth=4)).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("name, img_size", PREFIX_BACKBONES, ids=[n for n, _ in PREFIX_BACKBONES])
+def test_every_prefix_layout_prunes_patches_only_and_trains_as_it_infers(name, img_size, monkeypatch):
+    vit = prefix_vit(name, img_size)
+    torch.manual_seed(1)
+    x = torch.randn(3, 3, img_size, img_size)
+    prefix, n = vit.num_prefix_tokens, vit.patch_embed.num_patches
+    with torch.no_grad():
+        expected = vit(x)
+        full = dyn(vit, keep_ratio=1.0).eval()  # neutral: every patch kept, in keep-score order
+        torch.testing.assert_close(full(x), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(full.train()._masked_forward(x, lambda s, lp: torch.ones(lp.shape[:2]))[0], expected)
+    model = dyn(vit, keep_ratio=0.5).eval()
+    assert model.cost().gmacs == pytest.approx(counted_gmacs(model.deployable(), img_size), rel=1e-6)
+    assert model.cost().tokens_per_block == [prefix + k for k in [n, *keep_counts(n, 0.5, 3)]]
+    seen = []  # the predictors see the patch tokens only, the prefix never (both forwards)
+    for predictor in model.score_predictor:
+
+        def spy(t, alive=None, forward=predictor.forward):
+            seen.append(t.shape[1])
+            return forward(t, alive)
+
+        monkeypatch.setattr(predictor, "forward", spy)
+    orders: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        tokens = model._pruned_tokens(x, lambda i, order: orders.__setitem__(i, order))
+        logits = model(x)
+        assert seen == [n, n // 2, n // 4] * 2 and tokens.shape[1] == prefix + n // 8
+        # The pooling (CLS, both heads, average or attention) sees exactly the kept tokens in training too.
+        train_logits = model.train()._masked_forward(x, decisions_of(orders))[0]
+    torch.testing.assert_close(train_logits, logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, img_size", PREFIX_BACKBONES[1:4], ids=["registers", "distilled", "gap"])
+def test_distillation_reads_the_teachers_patch_tokens_and_prefix_embeddings_stay_frozen(name, img_size, monkeypatch):
+    vit = prefix_vit(name, img_size).requires_grad_(True)
+    model = dyn(vit, keep_ratio=0.5).train()
+    teacher = freeze(model.build_teacher())
+    monkeypatch.setattr(
+        model, "_masked_forward", lambda x: DynamicViT._masked_forward(model, x, lambda s, lp: torch.ones(lp.shape[:2]))
+    )
+    torch.manual_seed(1)
+    _, terms = model.losses(torch.randn(2, 3, img_size, img_size), torch.arange(2), F.cross_entropy, teacher)
+    assert terms["kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert terms["token_mse"].item() == pytest.approx(0.0, abs=1e-10)
+    model.enter_phase("finetune")
+    frozen = {name for name, p in model.vit.named_parameters() if not p.requires_grad}
+    embeddings = ("cls_token", "reg_token", "dist_token")
+    assert frozen == {"pos_embed", *(t for t in embeddings if getattr(vit, t, None) is not None)}
 
 
 def test_the_yaml_mirrors_the_config_defaults():

@@ -31,10 +31,11 @@ def slimmed(vit, **knobs) -> ps.PatchSlimming:
     return create_reducer({"name": "patch_slimming", **knobs}, vit).eval()
 
 
-def nested_schedule(n_tokens: int, counts: list[int], seed: int = 0) -> list[list[int]]:
-    """A nested schedule keeping ``counts[l]`` tokens (CLS included) in block l, patches chosen at random."""
-    order = torch.randperm(n_tokens - 1, generator=torch.Generator().manual_seed(seed)) + 1
-    return [[0] + sorted(order[: c - 1].tolist()) for c in counts]
+def nested_schedule(n_tokens: int, counts: list[int], seed: int = 0, prefix: int = 1) -> list[list[int]]:
+    """A nested schedule keeping ``counts[l]`` tokens (the ``prefix`` ones included) in block l, patches chosen at
+    random."""
+    order = torch.randperm(n_tokens - prefix, generator=torch.Generator().manual_seed(seed)) + prefix
+    return [list(range(prefix)) + sorted(order[: c - prefix].tolist()) for c in counts]
 
 
 def masked_reference(vit, images: torch.Tensor, keep: list[list[int]], record_maps: bool = False):
@@ -155,6 +156,69 @@ def test_hybrid_forward_score_equals_path_enumeration_over_timm_attention():
     layer_norm.set_schedule({"keep": keep, "source": "search_partial"})
     expected_ln = brute_force_scores(maps, keep, vit.blocks[1].norm1(inputs[1]), t=1)
     torch.testing.assert_close(layer_norm.hybrid_scores(image, 1)[0], expected_ln, rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ prefix tokens (issue 16)
+# One backbone per prefix/pooling layout of issue 16, untrained, 4 blocks, at a small size: (name, img_size).
+PREFIX_BACKBONES = [
+    ("deit_small_patch16_224", 64),  # CLS
+    ("vit_small_patch14_reg4_dinov2", 56),  # CLS + 4 registers, LayerScale
+    ("deit_small_distilled_patch16_224", 64),  # CLS + distillation token, two heads
+    ("vit_medium_patch16_gap_256", 64),  # no CLS, average pooling
+    ("vit_base_patch16_siglip_224", 64),  # no CLS, attention pooling
+]
+
+
+def prefix_vit(name: str, img_size: int):
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, img_size=img_size, depth=4).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("name, img_size", PREFIX_BACKBONES[:3], ids=["cls", "registers", "distilled"])
+def test_every_prefix_token_is_kept_to_the_last_block_and_the_compact_model_is_exact(name, img_size):
+    vit = prefix_vit(name, img_size)
+    prefix, n = vit.num_prefix_tokens, ps.num_tokens(vit)
+    images = torch.randn(2, 3, img_size, img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(slimmed(vit)(images), vit(images), atol=1e-4, rtol=1e-4)  # neutral: dense
+    model = slimmed(vit, target_ratio=0.6)  # the data-free pyramid
+    assert model.keep[-1] == list(range(prefix)) and all(ids[:prefix] == list(range(prefix)) for ids in model.keep)
+    assert model.cost().gmacs == pytest.approx(counted_gmacs(model.deployable(), img_size), rel=1e-6)
+    keep = nested_schedule(n, [n - 3, 12, 9, prefix], seed=1, prefix=prefix)
+    model.set_schedule({"keep": keep, "source": "file"})
+    reference, _, _ = masked_reference(vit, images, keep)
+    with torch.no_grad():  # the prefix rows are carried as rows 0..P-1 of every compact tensor: both heads read them
+        torch.testing.assert_close(model(images), reference, atol=1e-4, rtol=1e-4)
+    maps = model.token_maps(images)
+    assert [int(m.values[0].sum()) for m in maps] == [len(ids) - prefix for ids in keep]
+    last_prefix_dropped = [[i for i in keep[0] if i != prefix - 1], *keep[1:]]
+    with pytest.raises(ValueError, match="block 0 drops (the CLS token|a prefix token)"):
+        model.set_schedule({"keep": last_prefix_dropped, "source": "file"})
+
+
+def test_the_score_measures_what_reaches_the_tokens_the_head_reads_not_the_registers(monkeypatch):
+    # Theorem 1's paths end at the head's outputs: with registers kept in the last block, seeding the recursion with
+    # CLS alone equals dropping the register rows from the last map.
+    generator = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, 3, n_q, n_kv, generator=generator).softmax(-1) for n_q, n_kv in ((9, 12), (7, 9), (5, 7))]
+    z = torch.randn(2, 12, 4, generator=generator)
+    cls_only = [*maps[:-1], maps[-1][:, :, :1]]
+    torch.testing.assert_close(ps.significance(maps, z, head_rows=1), ps.significance(cls_only, z))
+    assert not torch.allclose(ps.significance(maps, z), ps.significance(cls_only, z))
+    heads = []
+    significance = ps.significance
+    monkeypatch.setattr(ps, "significance", lambda m, z, rows: heads.append(rows) or significance(m, z, rows))
+    for name, img_size in PREFIX_BACKBONES[:3]:
+        model = slimmed(prefix_vit(name, img_size), target_ratio=0.6)
+        model.hybrid_scores(torch.randn(1, 3, img_size, img_size), 1)
+    assert heads == [1, 1, 2]  # CLS; CLS but not the 4 registers; CLS and the distillation token
+
+
+@pytest.mark.parametrize("name, img_size", PREFIX_BACKBONES[3:], ids=["gap", "siglip"])
+def test_a_backbone_without_cls_is_rejected_in_one_line(name, img_size):
+    with pytest.raises(ValueError, match="reducer=patch_slimming needs a CLS token") as err:
+        slimmed(prefix_vit(name, img_size))
+    assert "\n" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------ schedules and config

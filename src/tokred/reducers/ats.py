@@ -15,6 +15,16 @@ the official code is batch dependent, see :func:`sample_tokens`). The cost is pe
 the **mean per-image MACs over a set of images** -- by default ``cost_images`` seeded N(0, 1) images, the input torch's
 FLOP counter is run on -- and ``knobs()`` says so; ``cost(images)`` gives it for any other set (e.g. validation
 images, the paper's convention, spec §6). A padded batch executes more than that mean (its largest count per block).
+
+Prefix tokens (CLS, a distilled DeiT's distillation token, registers: the first ``P = vit.num_prefix_tokens`` rows)
+are kept in every block like CLS and are never scored or sampled; K counts them, so an ATS block has ``K - P`` grid
+points (DeiT: ``K - 1``). The scores always read the CLS query's row (row 0), never a register's. On a backbone without
+CLS (average or attention pooling) the CLS row is replaced by the mean attention each token receives over all queries
+(:func:`tokred.vit_ops.received_attention`, the score of Learned Token Pruning and Zero-TPrune), the established
+CLS-free token-importance score: ATS's significance is defined by an attention distribution over the tokens and this
+one is the same kind of object (it sums to 1), whereas the alternative the spec mentions (SViT's dense tasks, §9.13)
+adds a randomly initialised CLS token that only training can make meaningful. It needs the block's full attention
+map, (T x T) per head, which the cost model charges. The head pools exactly the sampled tokens (padding excluded).
 """
 
 from __future__ import annotations
@@ -31,16 +41,15 @@ from tokred.flops import BlockCost, ModelCost, head_macs, num_tokens, stem_macs
 from tokred.reducers import register_reducer
 from tokred.reducers.base import Phase, TokenMap, TokenReducer, TrainingFreeConfig
 from tokred.vit_ops import (
-    UnsupportedBackbone,
     attend,
     block_forward,
     check_standard_vit,
     classify,
-    cls_attention,
     embed,
     gather_tokens,
     mlp_residual,
     project_qkv,
+    scoring_attention,
 )
 
 GRID_SIZES = ("release", "per_current_T")
@@ -52,17 +61,17 @@ COST_SEED = 0
 # shortfall beyond this even at K = all tokens puts it out of reach of num_tokens (the benchmark's tolerance).
 BUDGET_REACH = 0.03
 
-# on_block(block, patch, valid): after each block, the original patch index of every non-CLS row it outputs
-# (B, n - 1), and which of its n output rows are real rather than padding ((B, n) bool; None: all of them).
+# on_block(block, patch, valid): after each block, the original patch index of every non-prefix row it outputs
+# (B, n - P), and which of its n output rows are real rather than padding ((B, n) bool; None: all of them).
 BlockCallback = Callable[[int, torch.Tensor, Optional[torch.Tensor]], None]
 
 
 @dataclass
 class Config(TrainingFreeConfig):
     name: str = "ats"
-    num_tokens: Optional[int] = None  # K: most tokens (CLS included) an ATS block keeps; null: the input count
+    num_tokens: Optional[int] = None  # K: most tokens (prefix tokens included) an ATS block keeps; null: all input
     blocks: Optional[list[int]] = None  # 0-based ATS blocks; null: every block from the 4th (index 3) on; []: none
-    grid_size: str = "release"  # release: K - 1 grid points in every ATS block | per_current_T: min(K, T) - 1
+    grid_size: str = "release"  # release: K - P grid points (P: prefix tokens) | per_current_T: min(K, T) - P
     value_norm: str = "full"  # full: norm of the C-dim value (official) | per_head: sum_h A_h * |V_h| (TokenReduction)
     cost_images: int = 16  # cost() = mean per-image MACs over this many seeded N(0, 1) images
 
@@ -91,19 +100,23 @@ class Config(TrainingFreeConfig):
 
 
 def significance(
-    row: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None, value_norm: str = "full"
+    row: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    value_norm: str = "full",
+    num_prefix: int = 1,
 ) -> torch.Tensor:
     """ATS scores (B, N) of the N patch tokens, float32, summing to 1 over each image's real tokens (spec §2).
 
-    ``row`` (B, H, 1 + N) is the CLS query's softmax attention per head, ``v`` (B, H, 1 + N, d) the values, ``valid``
-    (B, 1 + N) marks real rows (None: all). Padded keys are taken out of the softmax by renormalising the row over the
-    real keys, which is the masked softmax.
+    ``row`` (B, H, P + N) is the scoring attention per head (:func:`scoring_row`), ``v`` (B, H, P + N, d) the values,
+    ``valid`` (B, P + N) marks real rows (None: all); the ``P = num_prefix`` prefix columns are no candidates. Padded
+    keys are taken out of the softmax by renormalising the row over the real keys, which is the masked softmax.
     """
     row = row.float()
     if valid is not None:
         row = row * valid.unsqueeze(1)
         row = row / row.sum(dim=-1, keepdim=True)
-    row, v = row[:, :, 1:], v[:, :, 1:].float()
+    row, v = row[:, :, num_prefix:], v[:, :, num_prefix:].float()
     if value_norm == "full":  # the heads concatenated: one C-dimensional value per token (official code)
         # (B, T, H * d): a view for timm's fused qkv layout, so the norm reduces over contiguous memory.
         scores = row.sum(dim=1) * torch.linalg.vector_norm(v.transpose(1, 2).flatten(2), dim=-1)
@@ -166,6 +179,24 @@ def _nearest(cdf: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where((y - low).abs() <= (high - y).abs(), below_first, above)
 
 
+def scoring_row(
+    attn: nn.Module, q: torch.Tensor, k: torch.Tensor, has_cls: bool, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """The attention row ATS scores by, per head (B, H, n): :func:`tokred.vit_ops.scoring_attention`, also on a
+    padded batch (``valid`` (B, n), None: no padding).
+
+    The CLS row's padded keys are taken out by :func:`significance`. The received attention (no CLS) is a mean over
+    queries of full softmax rows, so it is masked here: padded keys leave every query's softmax and padded queries
+    leave the mean, and an image scores the same alone or in a padded batch.
+    """
+    if has_cls or valid is None:
+        return scoring_attention(attn, q, k, has_cls)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = (q @ k.transpose(-2, -1) * attn.scale).masked_fill(~valid[:, None, None, :], -torch.inf)
+    queries = valid[:, None, :, None].to(logits.dtype)
+    return (logits.softmax(dim=-1) * queries).sum(dim=2) / queries.sum(dim=2)
+
+
 def _padding_mask(count: torch.Tensor, width: int) -> torch.Tensor | None:
     """(B, width) True on each image's first ``count`` rows; None when no image has padding."""
     if bool((count == width).all()):
@@ -202,14 +233,7 @@ class ATS(TokenReducer):
     def __init__(self, vit: nn.Module, cfg: Config) -> None:
         super().__init__(vit, cfg)
         check_standard_vit(vit, self.name)
-        if vit.global_pool != "token":
-            # Sampling reads the CLS attention and drops patches, so only a CLS-token classifier is unaffected by
-            # which patches (and how much padding) remain.
-            raise UnsupportedBackbone(
-                f"reducer=ats needs a CLS-token-pooled backbone (DeiT layout), got "
-                f"global_pool={vit.global_pool!r}; drop backbone.kwargs.global_pool"
-            )
-        depth, n_ref = len(vit.blocks), num_tokens(vit)
+        depth, n_ref, prefix = len(vit.blocks), num_tokens(vit), vit.num_prefix_tokens
         blocks = list(range(FIRST_BLOCK, depth)) if cfg.blocks is None else list(cfg.blocks)
         if cfg.blocks is None and not blocks:
             raise ValueError(
@@ -223,6 +247,11 @@ class ATS(TokenReducer):
                 f"reducer.num_tokens={cfg.num_tokens} exceeds the backbone's {n_ref} input tokens; "
                 "lower it or use null (the input count)"
             )
+        if cfg.num_tokens is not None and cfg.num_tokens <= prefix:
+            raise ValueError(
+                f"reducer.num_tokens={cfg.num_tokens} leaves no patch token beside the backbone's {prefix} prefix "
+                f"tokens; raise it above {prefix}"
+            )
         self._ats = frozenset(blocks)
         target = self.target_gmacs()
         if target is not None:
@@ -230,51 +259,60 @@ class ATS(TokenReducer):
 
     # ---------------------------------------------------------------- forward
     def keep_limit(self) -> int:
-        """K: the most tokens (CLS included) an ATS block keeps."""
+        """K: the most tokens (prefix tokens included) an ATS block keeps."""
         return num_tokens(self.vit) if self.cfg.num_tokens is None else self.cfg.num_tokens
 
     def _ats_block(
         self, blk: Block, x: torch.Tensor, valid: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """One ATS block: (output rows, the input rows they came from (B, n) with CLS at 0, output padding mask).
+        """One ATS block: (output rows, the input rows they came from (B, n) with the prefix first, output padding
+        mask).
 
-        q, k and v are computed for every input row (one fused projection; the scores need only CLS's query, and
+        q, k and v are computed for every input row (one fused projection; the CLS scores need only CLS's query, and
         the unsampled rows' queries cost (T - T') * C^2 MACs, which the cost model charges); attention, projection
         and MLP run for the sampled rows only, over all input keys and values (spec §1).
         """
-        attn, cfg = blk.attn, self.cfg
+        attn, cfg, prefix = blk.attn, self.cfg, self.vit.num_prefix_tokens
         h = blk.norm1(x)
         q, k, v = project_qkv(attn, h)
-        # CLS attention beside the fused attention (O(T * C)): SDPA never returns its weights. No gradient reaches
-        # the scores' use: they only feed a sort and a nearest-value search (spec §2).
-        scores = significance(cls_attention(attn, q, k), v, valid, cfg.value_norm)
-        r = self.keep_limit() - 1
+        # Scoring attention beside the fused attention (CLS row: O(T * C)): SDPA never returns its weights. No
+        # gradient reaches the scores' use: they only feed a sort and a nearest-value search (spec §2).
+        row = scoring_row(attn, q, k, self.vit.has_class_token, valid)
+        scores = significance(row, v, valid, cfg.value_norm, prefix)
+        r = self.keep_limit() - prefix
         if cfg.grid_size == "per_current_T":
-            r = _count(valid, x).clamp(max=r + 1) - 1
-        candidates, count = sample_tokens(scores, r, None if valid is None else valid[:, 1:])
-        rows = torch.cat([torch.zeros_like(candidates[:, :1]), candidates + 1], dim=1)
+            r = _count(valid, x).clamp(max=r + prefix) - prefix
+        candidates, count = sample_tokens(scores, r, None if valid is None else valid[:, prefix:])
+        kept_prefix = torch.arange(prefix, device=x.device).expand(x.shape[0], prefix)
+        rows = torch.cat([kept_prefix, candidates + prefix], dim=1)
         # (B, H, T, d) -> (B, T, H, d) is a view of the fused qkv output, so each row is one contiguous copy.
         q_rows = gather_tokens(q.transpose(1, 2), rows).transpose(1, 2)
         y = gather_tokens(x, rows) + blk.drop_path1(blk.ls1(attend(attn, q_rows, k, v, _key_mask(valid))))
-        return y + mlp_residual(blk, y), rows, _padding_mask(count + 1, rows.shape[1])
+        return y + mlp_residual(blk, y), rows, _padding_mask(count + prefix, rows.shape[1])
 
-    def _tokens(self, images: torch.Tensor, on_block: BlockCallback | None = None) -> torch.Tensor:
-        """Tokens after the last block (B, n, C), CLS first; rows past an image's count are padding."""
+    def _tokens(
+        self, images: torch.Tensor, on_block: BlockCallback | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens after the last block (B, n, C), prefix first, and which rows are real ((B, n) bool; None: all);
+        rows past an image's count are padding."""
         x = embed(self.vit, images)
-        patch = torch.arange(x.shape[1] - 1, device=x.device).expand(x.shape[0], -1)
-        valid = None  # (B, n) real rows; None: no padding
+        prefix = self.vit.num_prefix_tokens
+        patch = torch.arange(x.shape[1] - prefix, device=x.device).expand(x.shape[0], -1)
+        valid = None
         for i, blk in enumerate(self.vit.blocks):
             if i in self._ats:
                 x, rows, valid = self._ats_block(blk, x, valid)
-                patch = patch.gather(1, rows[:, 1:] - 1)
+                patch = patch.gather(1, rows[:, prefix:] - prefix)
             else:
                 x = _dense_block(blk, x, valid)
             if on_block is not None:
                 on_block(i, patch, valid)
-        return x
+        return x, valid
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return classify(self.vit, self._tokens(images))
+        x, valid = self._tokens(images)
+        # Padding has size 0: average and attention pooling see exactly each image's sampled tokens.
+        return classify(self.vit, x, None if valid is None else valid.unsqueeze(-1))
 
     def _trace(self, images: torch.Tensor, record: BlockCallback) -> None:
         """One eval-mode pass that hands each ATS block's sampled rows to ``record`` (maps and cost read them)."""
@@ -293,7 +331,7 @@ class ATS(TokenReducer):
         maps: list[TokenMap] = []
 
         def record(i: int, patch: torch.Tensor, valid: torch.Tensor | None) -> None:
-            real = torch.ones_like(patch, dtype=torch.bool) if valid is None else valid[:, 1:]
+            real = torch.ones_like(patch, dtype=torch.bool) if valid is None else valid[:, self.vit.num_prefix_tokens :]
             kept = torch.zeros(patch.shape[0], n + 1, device=patch.device)
             kept.scatter_(1, torch.where(real, patch, n), 1.0)  # padding goes to the extra column n
             maps.append(TokenMap(i, "kept", kept[:, :n].view(-1, *grid)))
@@ -309,8 +347,10 @@ class ATS(TokenReducer):
         for i, (blk, (n_in, n_out)) in enumerate(zip(self.vit.blocks, counts)):
             hidden = blk.mlp.fc1.out_features
             if i in self._ats:
-                # Besides the block's sampled rows: the unsampled rows' queries and the CLS score row q0 . K^T.
-                extra = (n_in - n_out) * c * c + n_in * c
+                # Besides the block's sampled rows: the unsampled rows' queries and the scores' q . K^T, for the CLS
+                # row alone or, without CLS, for every query (the received attention).
+                score_rows = 1 if self.vit.has_class_token else n_in
+                extra = (n_in - n_out) * c * c + score_rows * n_in * c
                 costs.append(BlockCost(n_out, n_in, c, c, c, hidden, extra))
             else:
                 costs.append(BlockCost(n_in, n_in, c, c, c, hidden))
@@ -322,7 +362,7 @@ class ATS(TokenReducer):
         counts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def record(i: int, patch: torch.Tensor, valid: torch.Tensor | None) -> None:
-            n_out = patch.shape[1] + 1 if valid is None else valid.sum(dim=1)
+            n_out = patch.shape[1] + self.vit.num_prefix_tokens if valid is None else valid.sum(dim=1)
             n_out = torch.as_tensor(n_out, device=patch.device).expand(patch.shape[0])
             n_in = counts[-1][1] if counts else torch.full_like(n_out, num_tokens(self.vit))
             counts.append((n_in, n_out))
@@ -333,8 +373,14 @@ class ATS(TokenReducer):
     def image_macs(self, images: torch.Tensor) -> torch.Tensor:
         """MACs of each image (B,), int64, from its own token counts (padding excluded): what the FLOP counter
         measures on that image alone. A padded batch executes more (its largest count per block)."""
-        blocks = self._block_costs(self._counts(images))
-        return stem_macs(self.vit) + sum(b.macs() for b in blocks) + head_macs(self.vit)
+        counts = self._counts(images)
+        blocks = self._block_costs(counts)
+        return stem_macs(self.vit) + sum(b.macs() for b in blocks) + self._head_macs(counts[-1][1])
+
+    def _head_macs(self, n_out: torch.Tensor) -> torch.Tensor:
+        """Per image (B,), int64: the head's MACs given the tokens leaving the last block (attention pooling's cost
+        depends on them)."""
+        return torch.tensor([head_macs(self.vit, n) for n in n_out.tolist()], dtype=torch.long, device=n_out.device)
 
     def reference_images(self) -> torch.Tensor:
         """The images :meth:`cost` averages over: ``cost_images`` N(0, 1) images, seeded, at the backbone's size."""
@@ -348,6 +394,7 @@ class ATS(TokenReducer):
         """Mean per-image cost over ``images`` (default :meth:`reference_images`), exactly: each block holds the
         mean of its per-image MACs, ``tokens_per_block`` the mean token count each block computes (floats)."""
         counts = self._counts(self.reference_images() if images is None else images)
+        head = self._head_macs(counts[-1][1]).double().mean().item()
         blocks = []
         for cost in self._block_costs(counts):
             n_q, n_kv = cost.n_q.double(), cost.n_kv.double()
@@ -366,7 +413,7 @@ class ATS(TokenReducer):
                     extra.item(),
                 )
             )
-        return ModelCost(blocks, stem_macs(self.vit), head_macs(self.vit), tokens_per_block=[b.n_q for b in blocks])
+        return ModelCost(blocks, stem_macs(self.vit), head, tokens_per_block=[b.n_q for b in blocks])
 
     def knobs(self) -> dict:
         return {**super().knobs(), "gmacs_over": f"mean per image over {self.cfg.cost_images} seeded N(0,1) images"}
@@ -383,7 +430,7 @@ class ATS(TokenReducer):
             self.cfg.num_tokens = k
             return self.cost(images).gmacs
 
-        lo, hi = MIN_TOKENS, num_tokens(self.vit)
+        lo, hi = max(MIN_TOKENS, self.vit.num_prefix_tokens + 1), num_tokens(self.vit)
         low, high = gmacs(lo), gmacs(hi)
         if low > target or high < target * (1 - BUDGET_REACH):
             self.cfg.num_tokens = None

@@ -2,7 +2,12 @@
 
 Before each block of ``pruning_loc`` (DeiT: 3, 6, 9) a small prediction module scores every alive patch token from its
 own features and the mean of the alive ones. Stage s keeps ``int(N * keep_ratio**s)`` of the N original patches;
-CLS is always kept.
+every prefix token (CLS, distillation token, registers) is always kept, never scored.
+
+Nothing in the method needs a CLS token: the predictors read patch tokens only and the teacher is distilled through
+its logits and patch tokens. On an average- or attention-pooled backbone the head pools the kept tokens, as the
+DynamicViT extension to hierarchical, average-pooled models (Rao et al., TPAMI 2023) does; in training the pooling
+is masked by the keep decisions like attention is.
 
 * Training never removes a token: a hard straight-through Gumbel-softmax sample per token, multiplied into the
   previous stage's mask, hides the dropped ones from every other token's attention (a dropped token still sees the
@@ -40,7 +45,6 @@ from tokred.flops import BlockCost, ModelCost, head_macs, stem_macs
 from tokred.reducers import register_reducer
 from tokred.reducers.base import Criterion, ParamGroup, Phase, ReducerConfig, TokenMap, TokenReducer
 from tokred.vit_ops import (
-    UnsupportedBackbone,
     attend,
     block_forward,
     check_standard_vit,
@@ -81,7 +85,7 @@ class Config(ReducerConfig):
     freeze_backbone_epochs: int = 5  # first phase: only the prediction modules train (official fix_step)
     finetune_epochs: Optional[int] = None  # joint phase after the frozen one; None: trainer.max_epochs
     backbone_lr_scale: float = 0.01  # the backbone's LR relative to the prediction modules' in the joint phase
-    train_pos_cls: bool = False  # the official recipe never updates pos_embed and cls_token
+    train_pos_cls: bool = False  # the official recipe never updates pos_embed and cls_token (nor other prefix tokens)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -131,10 +135,15 @@ def token_distillation(student: torch.Tensor, teacher: torch.Tensor, keep: torch
     return F.mse_loss(student[keep], teacher[keep])
 
 
-def attention_mask(keep: torch.Tensor) -> torch.Tensor:
-    """Additive SDPA mask (B, 1, T, T) for the policy [CLS; keep]: log(G + delta) with G_ij = m_j off the diagonal
+def full_policy(keep: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """The keep mask over all tokens (B, P + N): the ``num_prefix`` prefix tokens, always kept, then ``keep``."""
+    return torch.cat([keep.new_ones(keep.shape[0], num_prefix), keep], dim=1)
+
+
+def attention_mask(keep: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
+    """Additive SDPA mask (B, 1, T, T) for the policy [prefix; keep]: log(G + delta) with G_ij = m_j off the diagonal
     and 1 on it (spec §3.3), so a dropped key is visible to its own query only. Differentiable in ``keep``."""
-    policy = torch.cat([keep.new_ones(keep.shape[0], 1), keep], dim=1)
+    policy = full_policy(keep, num_prefix)
     t = policy.shape[1]
     bias = torch.log(policy + MASK_DELTA)[:, None, None, :].expand(-1, 1, t, -1)
     diagonal = torch.eye(t, dtype=torch.bool, device=keep.device)
@@ -192,11 +201,6 @@ class DynamicViT(TokenReducer):
     def __init__(self, vit: nn.Module, cfg: Config) -> None:
         check_standard_vit(vit, self.name)
         super().__init__(vit, cfg)
-        if vit.global_pool != "token":
-            raise UnsupportedBackbone(
-                f"reducer=dynamicvit classifies from the CLS token (DeiT layout), got "
-                f"global_pool={vit.global_pool!r}; drop backbone.kwargs.global_pool"
-            )
         depth = len(vit.blocks)
         if cfg.pruning_loc[-1] >= depth:
             raise ValueError(
@@ -230,8 +234,9 @@ class DynamicViT(TokenReducer):
             extra = 0
             if i in self.locs:  # the module scores the tokens alive before it; the block runs on the kept ones
                 extra, alive = alive * predictor_macs(dim), counts[self.locs[i]]
-            blocks.append(BlockCost.dense(1 + alive, dim, blk.mlp.fc1.out_features, extra))
-        return ModelCost(blocks, stem_macs(vit), head_macs(vit), tokens_per_block=[b.n_q for b in blocks])
+            blocks.append(BlockCost.dense(vit.num_prefix_tokens + alive, dim, blk.mlp.fc1.out_features, extra))
+        head = head_macs(vit, blocks[-1].n_q)  # attention pooling reads the tokens kept to the end
+        return ModelCost(blocks, stem_macs(vit), head, tokens_per_block=[b.n_q for b in blocks])
 
     def cost(self) -> ModelCost:
         return self._cost(self._counts(self.cfg.keep_ratio))
@@ -275,17 +280,19 @@ class DynamicViT(TokenReducer):
 
     # ---------------------------------------------------------------- inference: real pruning
     def _pruned_tokens(self, images: torch.Tensor, on_block: BlockCallback | None = None) -> torch.Tensor:
-        """Tokens after the last block, (B, 1 + k_S, C): CLS, then the kept patches in keep-score order."""
+        """Tokens after the last block, (B, P + k_S, C): the P prefix tokens, then the kept patches in keep-score
+        order."""
         counts = self._counts(self.cfg.keep_ratio)
         x = embed(self.vit, images)
-        b, n = x.shape[0], x.shape[1] - 1
+        prefix = self.vit.num_prefix_tokens
+        b, n = x.shape[0], x.shape[1] - prefix
         order = torch.arange(n, device=x.device).expand(b, n)  # original index of each patch position
         for i, blk in enumerate(self.vit.blocks):
             if i in self.locs:
                 s = self.locs[i]
-                score = self.score_predictor[s](x[:, 1:])[..., 0]  # channel 0 is "keep" (spec fact 2)
+                score = self.score_predictor[s](x[:, prefix:])[..., 0]  # channel 0 is "keep" (spec fact 2)
                 keep = score.topk(counts[s], dim=1, sorted=False).indices  # a fixed count per image (spec §4)
-                x = torch.cat([x[:, :1], gather_tokens(x[:, 1:], keep)], dim=1)
+                x = torch.cat([x[:, :prefix], gather_tokens(x[:, prefix:], keep)], dim=1)
                 order = order.gather(1, keep)
             if on_block is not None:
                 on_block(i, order)
@@ -302,23 +309,27 @@ class DynamicViT(TokenReducer):
         (B, N) decision is multiplied into the previous stage's mask, as the sample is.
         """
         x = embed(self.vit, images)
-        keep = x.new_ones(x.shape[0], x.shape[1] - 1)
+        prefix = self.vit.num_prefix_tokens
+        keep = x.new_ones(x.shape[0], x.shape[1] - prefix)
         mask = None
         decisions: list[torch.Tensor] = []
         for i, blk in enumerate(self.vit.blocks):
             if i in self.locs:
                 s = self.locs[i]
-                log_probs = self.score_predictor[s](x[:, 1:], keep)
+                log_probs = self.score_predictor[s](x[:, prefix:], keep)
                 if decide is None:
                     decision = F.gumbel_softmax(log_probs, tau=self.cfg.gumbel_tau, hard=True)[..., 0]
                 else:
                     decision = decide(s, log_probs)
                 keep = decision * keep  # hierarchical: dropped once, dropped for good; carries the ST gradient
                 decisions.append(keep)
-                mask = attention_mask(keep)
+                mask = attention_mask(keep, prefix)
             x = _masked_block(blk, x, mask)
-        tokens = self.vit.norm(x)
-        return self.vit.forward_head(tokens), tokens[:, 1:], decisions
+        # Average / attention pooling over the kept tokens, as the pruned model pools: sizes (log-sizes) are the
+        # policy plus the attention mask's delta, so a dropped token weighs ~delta and an image that dropped every
+        # patch pools them all rather than dividing by 0; CLS-token pooling ignores the sizes.
+        logits = classify(self.vit, x, (full_policy(keep, prefix) + MASK_DELTA).unsqueeze(-1))
+        return logits, self.vit.norm(x)[:, prefix:], decisions
 
     # ---------------------------------------------------------------- the hooks
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -358,12 +369,12 @@ class DynamicViT(TokenReducer):
         kl = F.kl_div(
             F.log_softmax(logits, dim=-1), F.log_softmax(teacher_logits, dim=-1), reduction="batchmean", log_target=True
         )
-        cfg = self.cfg
+        cfg, teacher_patches = self.cfg, teacher_tokens[:, self.vit.num_prefix_tokens :]
         return logits, {
             "ce": criterion(logits, targets),
             "ratio": cfg.ratio_weight / len(decisions) * ratio_loss(decisions, cfg.keep_ratio),
             "kl": cfg.kl_weight * kl,
-            "token_mse": cfg.token_weight * token_distillation(tokens, teacher_tokens[:, 1:], decisions[-1].detach()),
+            "token_mse": cfg.token_weight * token_distillation(tokens, teacher_patches, decisions[-1].detach()),
         }
 
     def build_teacher(self) -> VisionTransformer:
@@ -390,8 +401,11 @@ class DynamicViT(TokenReducer):
         super().enter_phase(name)
         self.vit.requires_grad_(name == "finetune")
         if not self.cfg.train_pos_cls:
-            for param in (self.vit.pos_embed, self.vit.cls_token):
-                param.requires_grad_(False)
+            # Registers and the distillation token are learned prefix embeddings like CLS: frozen alike.
+            prefix = (self.vit.cls_token, self.vit.reg_token, getattr(self.vit, "dist_token", None))
+            for param in (self.vit.pos_embed, *prefix):
+                if param is not None:
+                    param.requires_grad_(False)
 
     def param_groups(self) -> list[ParamGroup]:
         """The backbone at ``backbone_lr_scale`` x the LR (decay / no-decay as DeiT); the prediction modules get the

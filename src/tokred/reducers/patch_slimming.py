@@ -2,8 +2,14 @@
 
 Block ``l`` computes outputs for the tokens ``keep[l]`` only (queries, attention rows, residual, MLP) while its keys
 and values span its whole input ``keep[l-1]``: rectangular attention through :func:`tokred.vit_ops.block_forward`,
-on the timm block's own weights. The schedule is nested (``keep[l+1]`` is a subset of ``keep[l]``), keeps CLS in
-every block and only CLS in the last one; its local indices are buffers, so inference does no scoring.
+on the timm block's own weights. The schedule is nested (``keep[l+1]`` is a subset of ``keep[l]``), keeps every
+prefix token (CLS, a distilled DeiT's distillation token, registers: ids ``0..P-1``) in every block and only them in
+the last one (spec A7: a distilled DeiT keeps both of its head tokens); its local indices are buffers, so inference
+does no scoring. The significance score measures what reaches the tokens the head reads (CLS and the distillation
+token), not the registers, whose last outputs nobody reads.
+
+A backbone without CLS token (average or attention pooling) is rejected: its head reads every patch of the last
+block, so a nested top-down schedule would have to keep every patch in every block -- there is no pruning to search.
 
 The schedule comes from, in order of precedence:
 
@@ -43,7 +49,15 @@ from tokred.flops import BlockCost, ModelCost, bisect_budget, head_macs, num_tok
 from tokred.io import atomic_write, atomic_write_json
 from tokred.reducers import register_reducer
 from tokred.reducers.base import Phase, ReducerConfig, TokenMap, TokenReducer
-from tokred.vit_ops import UnsupportedBackbone, block_forward, check_standard_vit, classify, embed, project_qkv
+from tokred.vit_ops import (
+    UnsupportedBackbone,
+    block_forward,
+    check_standard_vit,
+    classify,
+    embed,
+    project_qkv,
+    require_cls_token,
+)
 
 if TYPE_CHECKING:
     from tokred.training.phases import PhaseContext
@@ -135,10 +149,13 @@ class Config(ReducerConfig):
 
 # --------------------------------------------------------------------------------------------------- schedules
 def check_schedule(
-    keep: Any, n_tokens: int, depth: int, where: str = "schedule", cls_only_last: bool = True
+    keep: Any, n_tokens: int, depth: int, where: str = "schedule", cls_only_last: bool = True, num_prefix: int = 1
 ) -> list[list[int]]:
-    """Validated, sorted keep-lists: one per block, nested, CLS (id 0) in every block and (``cls_only_last``) alone
-    in the last; only the unpruned starting point of a model without schedule relaxes the latter."""
+    """Validated, sorted keep-lists: one per block, nested, the ``num_prefix`` prefix tokens (ids 0..P-1: CLS first)
+    in every block and (``cls_only_last``) alone in the last; only the unpruned starting point of a model without
+    schedule relaxes the latter."""
+    prefix = list(range(num_prefix))
+    named = "the CLS token (id 0)" if num_prefix == 1 else f"a prefix token (ids 0..{num_prefix - 1})"
     if not isinstance(keep, list) or len(keep) != depth:
         got = len(keep) if isinstance(keep, list) else type(keep).__name__
         raise ValueError(f"{where}: 'keep' must list the kept token ids of each of the {depth} blocks (got {got})")
@@ -149,8 +166,8 @@ def check_schedule(
             raise ValueError(f"{where}: block {block} must be a list of integer token ids")
         if len(set(ids)) != len(ids):
             raise ValueError(f"{where}: block {block} lists a token twice")
-        if 0 not in ids:
-            raise ValueError(f"{where}: block {block} drops the CLS token (id 0); every block must keep it")
+        if not set(prefix) <= set(ids):
+            raise ValueError(f"{where}: block {block} drops {named}; every block must keep it")
         if not set(ids) <= previous:
             stray = sorted(set(ids) - previous)[:5]
             raise ValueError(
@@ -160,8 +177,11 @@ def check_schedule(
             )
         previous = set(ids)
         out.append(sorted(ids))
-    if cls_only_last and out[-1] != [0]:
-        raise ValueError(f"{where}: the last block must keep only CLS ([0]), got {len(out[-1])} tokens")
+    if cls_only_last and out[-1] != prefix:
+        raise ValueError(
+            f"{where}: the last block must keep only {'CLS' if num_prefix == 1 else 'the prefix tokens'} ({prefix}), "
+            f"got {len(out[-1])} tokens"
+        )
     return out
 
 
@@ -193,11 +213,12 @@ def local_positions(child: Sequence[int], parent: Sequence[int]) -> list[int]:
     return [position[token] for token in child]
 
 
-def pyramid_schedule(grid: tuple[int, int], depth: int, scale: float) -> list[list[int]]:
+def pyramid_schedule(grid: tuple[int, int], depth: int, scale: float, num_prefix: int = 1) -> list[list[int]]:
     """The data-free placeholder schedule: patches kept fall linearly from ``scale`` x all (block 0) to none.
 
-    Block ``l`` keeps ``round(P * clip(scale * (1 - l/(L-1)), 0, 1))`` patches plus CLS, so the cost is monotone in
-    ``scale`` (0: CLS only after block 0; L-1: only the last block pruned). Patches are taken centre-first [R]: an
+    Block ``l`` keeps ``round(N * clip(scale * (1 - l/(L-1)), 0, 1))`` of the N patches plus the ``num_prefix``
+    prefix tokens, so the cost is monotone in ``scale`` (0: the prefix only after block 0; L-1: only the last block
+    pruned). Patches are taken centre-first [R]: an
     object-centred prior that keeps the pyramid nested; only the counts matter for cost and speed.
     """
     rows, cols = grid
@@ -206,7 +227,7 @@ def pyramid_schedule(grid: tuple[int, int], depth: int, scale: float) -> list[li
     keep = []
     for block in range(depth):
         fraction = min(1.0, max(0.0, scale * (1 - block / (depth - 1)))) if depth > 1 else 0.0
-        keep.append([0] + sorted(p + 1 for p in order[: round(rows * cols * fraction)]))
+        keep.append(list(range(num_prefix)) + sorted(p + num_prefix for p in order[: round(rows * cols * fraction)]))
     return keep
 
 
@@ -223,16 +244,17 @@ def schedule_cost(vit: nn.Module, keep: Sequence[Sequence[int]]) -> ModelCost:
 def pyramid_for_target(vit: nn.Module, target: float) -> tuple[list[list[int]], float]:
     """The parametric pyramid whose GMACs are closest to ``target`` without exceeding it, and its scale."""
     depth, grid = len(vit.blocks), tuple(vit.patch_embed.grid_size)
-    gmacs_at = lambda scale: schedule_cost(vit, pyramid_schedule(grid, depth, scale)).gmacs
+    prefix = vit.num_prefix_tokens
+    gmacs_at = lambda scale: schedule_cost(vit, pyramid_schedule(grid, depth, scale, prefix)).gmacs
     lowest, highest = gmacs_at(0.0), gmacs_at(float(depth - 1))
     if not lowest <= target <= highest:
         raise ValueError(
             f"reducer target {target:.4g} GMACs is outside what Patch Slimming reaches on this backbone: "
-            f"{lowest:.4g} (CLS only after block 0) to {highest:.4g} (only the last block pruned to CLS); "
+            f"{lowest:.4g} (prefix tokens only after block 0) to {highest:.4g} (only the last block pruned); "
             "choose reducer.target_gmacs/target_ratio in that range"
         )
     scale = bisect_budget(gmacs_at, target, 0.0, float(depth - 1), tol=1e-5, ceiling=True)
-    return pyramid_schedule(grid, depth, scale), scale
+    return pyramid_schedule(grid, depth, scale, prefix), scale
 
 
 def token_orders(keep: Sequence[Sequence[int]], rankings: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -240,7 +262,7 @@ def token_orders(keep: Sequence[Sequence[int]], rankings: Sequence[Sequence[int]
     block's candidates in the search's score order (``rankings[l]``: every token the next block pruned, best first).
 
     A searched schedule keeps a prefix of each order, so extending or shortening the prefix continues the search's
-    own ranking; blocks 0..L-2 (the last block keeps CLS alone).
+    own ranking; blocks 0..L-2 (the last block keeps the prefix tokens alone).
     """
     orders = [list(keep[-1])]
     for block in range(len(keep) - 2, -1, -1):
@@ -306,19 +328,21 @@ def attention_probs(blk: nn.Module, x: torch.Tensor, keep: torch.Tensor | None) 
     return (attn.q_norm(q) @ attn.k_norm(k).transpose(-2, -1) * attn.scale).softmax(dim=-1)
 
 
-def significance(maps: Sequence[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+def significance(maps: Sequence[torch.Tensor], z: torch.Tensor, head_rows: int | None = None) -> torch.Tensor:
     """Theorem 1's score s_{t,i} = g_i * e_i per image, exactly, in float64: (B, n_t).
 
     ``maps[0]`` is block t's map (B, H, n_t, n_in) and ``maps[j]`` the next deeper block's, each over the previous
     one's outputs (compact coordinates, so D_l is implicit); ``z`` (B, n_in, d) is block t's input. The sum over head
     paths factorises (‖a u^T‖² = ‖a‖²‖u‖²): g = diag(G) with G <- sum_h P_h^T G P_h from the deepest block, starting
-    at the identity on its (CLS-only) outputs; e_i = sum_h ‖(P_t^h |z|)[i]‖².
+    at the projection onto the outputs the head reads, its first ``head_rows`` (None: all of them; CLS and a
+    distillation token, not registers); e_i = sum_h ‖(P_t^h |z|)[i]‖².
     """
     deeper = [p.double() for p in maps[1:]]
     if not deeper:
         raise ValueError("significance needs at least one block after the scored one")
     batch, n_last = deeper[-1].shape[0], deeper[-1].shape[2]
-    gram = torch.eye(n_last, dtype=torch.float64, device=z.device).expand(batch, n_last, n_last)
+    read = (torch.arange(n_last, device=z.device) < (n_last if head_rows is None else head_rows)).double()
+    gram = torch.diag(read).expand(batch, n_last, n_last)
     for p in reversed(deeper[1:]):
         gram = (p.transpose(-2, -1) @ gram.unsqueeze(1) @ p).sum(dim=1)
     p = deeper[0]
@@ -336,12 +360,15 @@ class PatchSlimming(TokenReducer):
     def __init__(self, vit: nn.Module, cfg: Config) -> None:
         super().__init__(vit, cfg)
         check_standard_vit(vit, self.name)
+        # The top-down search starts from the tokens the head reads after the last block. Average or attention
+        # pooling reads every patch, so the nested schedule would keep every patch in every block: nothing to prune.
+        require_cls_token(vit, self.name, "its nested schedule starts from the head's tokens in the last block")
         if vit.global_pool != "token":
             raise UnsupportedBackbone(
                 f"reducer={self.name} needs CLS-token pooling (global_pool='token'), got "
-                f"{vit.global_pool!r}: its last block computes the CLS token only"
+                f"{vit.global_pool!r}: its last block computes the prefix tokens only"
             )
-        self.n_tokens, self.depth = num_tokens(vit), len(vit.blocks)
+        self.n_tokens, self.depth, self.n_prefix = num_tokens(vit), len(vit.blocks), vit.num_prefix_tokens
         if self.depth < 2:
             raise UnsupportedBackbone(f"reducer={self.name} needs at least 2 blocks, the backbone has {self.depth}")
         target = self.target_gmacs()
@@ -362,7 +389,9 @@ class PatchSlimming(TokenReducer):
 
     def set_schedule(self, doc: dict[str, Any], where: str = "schedule") -> None:
         """Adopt a schedule document ({'keep': [...], 'source': ..., metadata}) and rebuild the index buffers."""
-        keep = check_schedule(doc["keep"], self.n_tokens, self.depth, where, cls_only_last=doc["source"] != "dense")
+        keep = check_schedule(
+            doc["keep"], self.n_tokens, self.depth, where, doc["source"] != "dense", num_prefix=self.n_prefix
+        )
         self.schedule = {
             **doc,
             "format": SCHEDULE_FORMAT,
@@ -405,7 +434,8 @@ class PatchSlimming(TokenReducer):
             keep = self._block_keep(b, x.shape[1])
             maps.append(attention_probs(self.vit.blocks[b], x, keep))
             x = block_forward(self.vit.blocks[b], x, keep)
-        return significance(maps, z)
+        # The head reads CLS (and a distilled DeiT's distillation token), never the registers that follow them.
+        return significance(maps, z, self.n_prefix - self.vit.num_reg_tokens)
 
     # ---------------------------------------------------------------- pipeline
     def phases(self) -> list[Phase]:
@@ -432,7 +462,7 @@ class PatchSlimming(TokenReducer):
         maps = []
         for block, ids in enumerate(self.keep):
             kept = torch.zeros(rows * cols, device=images.device)
-            kept[[i - 1 for i in ids if i]] = 1
+            kept[[i - self.n_prefix for i in ids if i >= self.n_prefix]] = 1
             maps.append(TokenMap(block, "kept", kept.view(1, rows, cols).expand(len(images), -1, -1)))
         return maps
 
@@ -672,7 +702,8 @@ class SlimmingSearch:
                 )
         else:
             self.vit.blocks.load_state_dict(self.original)
-            keep = [list(range(model.n_tokens))] * (model.depth - 1) + [[0]]  # last block: CLS only, exact
+            # Last block: the prefix tokens only, exact for the head.
+            keep = [list(range(model.n_tokens))] * (model.depth - 1) + [list(range(model.n_prefix))]
             state = {"fingerprint": self.fingerprint, "epsilon": epsilon, "keep": keep, "layers": [], "done": False}
         state["dir"] = str(directory)  # where the run directory is now, should it have moved since the interruption
         model.set_schedule({"keep": state["keep"], "source": "search_partial"})
