@@ -402,14 +402,14 @@ def test_sampling_ignores_the_register_columns_of_the_cls_row(monkeypatch):
     model = ats(prefix_vit(name, img_size), num_tokens=10, blocks=[1, 2, 3])
     x = prefix_images(img_size)
     expected = kept_sets(model, x)
-    scoring_row = ats_module.scoring_row
+    scoring = ats_module.scoring_attention
 
     def register_heavy(*args):
-        row = scoring_row(*args).clone()
+        row = scoring(*args).clone()
         row[:, :, 1:5] *= 1e4
         return row / row.sum(dim=-1, keepdim=True)
 
-    monkeypatch.setattr(ats_module, "scoring_row", register_heavy)
+    monkeypatch.setattr(ats_module, "scoring_attention", register_heavy)
     assert kept_sets(model, x) == expected
     # Scores are those of the row with the register columns removed (a one-prefix layout).
     generator = torch.Generator().manual_seed(0)
@@ -423,9 +423,9 @@ def test_without_cls_tokens_are_scored_by_the_attention_they_receive(make_vit, m
     called = []
     received = ats_module.scoring_attention
 
-    def spy(attn, q, k, has_cls):
+    def spy(attn, q, k, has_cls, valid=None):
         called.append(has_cls)
-        return received(attn, q, k, has_cls)
+        return received(attn, q, k, has_cls, valid)
 
     monkeypatch.setattr(ats_module, "scoring_attention", spy)
     with torch.no_grad():

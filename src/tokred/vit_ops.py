@@ -73,7 +73,8 @@ def classify(vit: VisionTransformer, tokens: torch.Tensor, size: torch.Tensor | 
         pooled = vit.attn_pool(x, attn_mask=size.log().transpose(1, 2).unsqueeze(1))  # (B, 1, 1, N): every head
     else:
         mean = (x * size).sum(dim=1) / size.sum(dim=1)
-        pooled = {"avg": mean, "max": x.amax(dim=1), "avgmax": 0.5 * (x.amax(dim=1) + mean)}[vit.global_pool]
+        peak = x.masked_fill(size == 0, -torch.inf).amax(dim=1)  # a zero-size row is padding (ATS), never a max
+        pooled = {"avg": mean, "max": peak, "avgmax": 0.5 * (peak + mean)}[vit.global_pool]
     return vit.head(vit.head_drop(vit.fc_norm(pooled)))
 
 
@@ -140,21 +141,33 @@ def cls_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Te
     return (q0 @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1).squeeze(2)
 
 
-def received_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def received_attention(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean softmax attention each key receives over all queries, per head: (B, H, n_kv).
 
     The substitute for the CLS attention row on models without a CLS token (average or attention pooling): the
     importance score of Learned Token Pruning (Kim et al., KDD 2022), also used by Zero-TPrune (CVPR 2024). It sums
     to 1 over the keys like a CLS row, so thresholds and fusion weights keep their meaning. Needs the full map.
+    ``valid`` (B, n) marks the real rows of a padded batch (ATS): padded keys leave every softmax and padded queries
+    the mean, so an image scores the same alone or padded.
     """
     q, k = attn.q_norm(q), attn.k_norm(k)
-    return (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1).mean(dim=2)
+    logits = q @ k.transpose(-2, -1) * attn.scale
+    if valid is None:
+        return logits.softmax(dim=-1).mean(dim=2)
+    logits = logits.masked_fill(~valid[:, None, None, :], -torch.inf)
+    queries = valid[:, None, :, None].to(logits.dtype)
+    return (logits.softmax(dim=-1) * queries).sum(dim=2) / queries.sum(dim=2)
 
 
-def scoring_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor, has_cls: bool) -> torch.Tensor:
+def scoring_attention(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, has_cls: bool, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """The attention row token-scoring methods rank keys by, per head (B, H, n_kv): the CLS query's row (row 0) when
-    the model has a CLS token -- never a register's or the distillation token's -- else :func:`received_attention`."""
-    return cls_attention(attn, q, k) if has_cls else received_attention(attn, q, k)
+    the model has a CLS token -- never a register's or the distillation token's -- else :func:`received_attention`
+    (``valid``: see there; padded keys of a CLS row are the caller's to drop)."""
+    return cls_attention(attn, q, k) if has_cls else received_attention(attn, q, k, valid)
 
 
 def attention_residual(blk: Block, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:

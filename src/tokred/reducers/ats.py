@@ -108,8 +108,9 @@ def significance(
 ) -> torch.Tensor:
     """ATS scores (B, N) of the N patch tokens, float32, summing to 1 over each image's real tokens (spec §2).
 
-    ``row`` (B, H, P + N) is the scoring attention per head (:func:`scoring_row`), ``v`` (B, H, P + N, d) the values,
-    ``valid`` (B, P + N) marks real rows (None: all); the ``P = num_prefix`` prefix columns are no candidates. Padded
+    ``row`` (B, H, P + N) is the scoring attention per head (:func:`tokred.vit_ops.scoring_attention`), ``v``
+    (B, H, P + N, d) the values, ``valid`` (B, P + N) marks real rows (None: all); the ``P = num_prefix`` prefix
+    columns are no candidates. Padded
     keys are taken out of the softmax by renormalising the row over the real keys, which is the masked softmax.
     """
     row = row.float()
@@ -177,24 +178,6 @@ def _nearest(cdf: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     low, high = cdf.gather(1, below), cdf.gather(1, above)
     below_first = torch.searchsorted(cdf, low)  # the first of a run of equal values
     return torch.where((y - low).abs() <= (high - y).abs(), below_first, above)
-
-
-def scoring_row(
-    attn: nn.Module, q: torch.Tensor, k: torch.Tensor, has_cls: bool, valid: torch.Tensor | None
-) -> torch.Tensor:
-    """The attention row ATS scores by, per head (B, H, n): :func:`tokred.vit_ops.scoring_attention`, also on a
-    padded batch (``valid`` (B, n), None: no padding).
-
-    The CLS row's padded keys are taken out by :func:`significance`. The received attention (no CLS) is a mean over
-    queries of full softmax rows, so it is masked here: padded keys leave every query's softmax and padded queries
-    leave the mean, and an image scores the same alone or in a padded batch.
-    """
-    if has_cls or valid is None:
-        return scoring_attention(attn, q, k, has_cls)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = (q @ k.transpose(-2, -1) * attn.scale).masked_fill(~valid[:, None, None, :], -torch.inf)
-    queries = valid[:, None, :, None].to(logits.dtype)
-    return (logits.softmax(dim=-1) * queries).sum(dim=2) / queries.sum(dim=2)
 
 
 def _padding_mask(count: torch.Tensor, width: int) -> torch.Tensor | None:
@@ -277,7 +260,7 @@ class ATS(TokenReducer):
         q, k, v = project_qkv(attn, h)
         # Scoring attention beside the fused attention (CLS row: O(T * C)): SDPA never returns its weights. No
         # gradient reaches the scores' use: they only feed a sort and a nearest-value search (spec §2).
-        row = scoring_row(attn, q, k, self.vit.has_class_token, valid)
+        row = scoring_attention(attn, q, k, self.vit.has_class_token, valid)
         scores = significance(row, v, valid, cfg.value_norm, prefix)
         r = self.keep_limit() - prefix
         if cfg.grid_size == "per_current_T":
