@@ -3,6 +3,8 @@ budgets, token maps, a training-free and a fine-tuning run with their exports.""
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 from dataclasses import asdict
 
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from tokred.backbones import create_backbone
 from tokred.config import ConfigError, compose_config, validate
 from tokred.export import load_deployable
 from tokred.flops import counted_gmacs
@@ -33,8 +36,12 @@ def tome(vit, **knobs):
 
 
 def images(b: int = 3) -> torch.Tensor:
+    return images_at(32, b)
+
+
+def images_at(size: int, b: int = 3) -> torch.Tensor:
     torch.manual_seed(1)
-    return torch.randn(b, 3, 32, 32)
+    return torch.randn(b, 3, size, size)
 
 
 def per_block(model, x) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -414,3 +421,73 @@ def test_a_short_fine_tune_writes_its_summary_and_an_export_with_the_same_logits
     summary = train(cfg)
     assert summary["global_step"] == 4  # FAST: 2 epochs x 2 steps
     check_export(cfg, summary)
+
+
+# ---------------------------------------------------------------- prefix tokens and CLS-free backbones (issue 16)
+
+# Untrained timm backbones at a small size (16 patches each), cut to 4 blocks to stay fast: one CLS; CLS + 4
+# registers; CLS + distillation token; no prefix with average pooling; no prefix with attention pooling.
+BACKBONES = {
+    "deit": ("deit_small_patch16_224", 64),
+    "registers": ("vit_small_patch14_reg4_dinov2", 56),
+    "distilled": ("deit_small_distilled_patch16_224", 64),
+    "gap": ("vit_medium_patch16_gap_256", 64),
+    "siglip": ("vit_base_patch16_siglip_224", 64),
+}
+
+
+@functools.cache
+def _built(key: str) -> torch.nn.Module:
+    model, size = BACKBONES[key]
+    torch.manual_seed(0)
+    return create_backbone({"model": model, "img_size": size, "kwargs": {"depth": 4}}, num_classes=10).eval()
+
+
+def backbone(key: str):
+    return copy.deepcopy(_built(key)), BACKBONES[key][1]
+
+
+@pytest.mark.parametrize("key", list(BACKBONES))
+def test_every_backbone_runs_costs_as_counted_and_is_neutral_at_r_zero(key):
+    vit, size = backbone(key)
+    x = images_at(size)
+    with torch.no_grad():
+        expected = vit(x)
+        torch.testing.assert_close(tome(vit, r=0).eval()(x), expected, atol=1e-5, rtol=1e-5)  # distilled: 2 heads
+        model = tome(vit, r=2).eval()
+        assert torch.isfinite(model(x)).all() and not torch.allclose(model(x), expected, atol=1e-4)
+    assert model.schedule == [2] * 4
+    assert counted_gmacs(model.deployable(), size) == pytest.approx(model.cost().gmacs, rel=1e-6)
+
+
+@pytest.mark.parametrize("key", ["registers", "distilled"])
+def test_prefix_tokens_are_never_merged_even_when_they_match_best(monkeypatch, key):
+    """Every prefix token given the keys of a patch -- the best match there is -- still holds only itself."""
+    real = tome_module.bipartite_soft_matching
+
+    def lure(metric, r, protected):
+        return real(torch.cat([metric[:, -1:].expand(-1, protected, -1), metric[:, protected:]], dim=1), r, protected)
+
+    monkeypatch.setattr(tome_module, "bipartite_soft_matching", lure)
+    vit, size = backbone(key)
+    p = vit.num_prefix_tokens
+    blocks = per_block(tome(vit, r=3).eval(), images_at(size))
+    assert [tokens.shape[1] for tokens, _, _ in blocks] == [16 + p - 3 * i for i in range(1, 5)]
+    for _, sizes, source in blocks:
+        torch.testing.assert_close(source[:, :p], torch.eye(16 + p)[:p].expand(3, -1, -1))  # the prefix rows
+        assert (sizes[:, :p] == 1).all() and (source[:, p:, :p] == 0).all()  # and no patch token holds them
+
+
+@pytest.mark.parametrize("pool", ["avg", "map"])
+def test_pooling_weights_merged_tokens_as_the_copies_they_replaced(make_vit, monkeypatch, pool):
+    """Without CLS, 12 copies of one token and 4 of another merged pairwise (identical pairs match best): with sizes,
+    average pooling and attention pooling (log-size logits) see the 16 copies, so the logits equal the unmerged ones."""
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 1, 32), torch.randn(2, 1, 32)
+    tokens = torch.cat([a.expand(-1, 12, -1), b.expand(-1, 4, -1)], dim=1)
+    monkeypatch.setattr(tome_module, "embed", lambda vit, images: tokens)
+    vit = make_vit(class_token=False, global_pool=pool)
+    x = torch.zeros(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = tome(vit, r=0).eval()(x)
+        torch.testing.assert_close(tome(vit, r_list=[6]).eval()(x), expected, atol=1e-5, rtol=1e-5)

@@ -3,6 +3,8 @@ warm-up, FLOPs at the papers' points, budgets, token maps, fine-tuned and traini
 
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import asdict
 
 import pytest
@@ -17,13 +19,14 @@ from tokred.export import load_deployable
 from tokred.flops import counted_gmacs
 from tokred.pruning import attention_with_cls_row, fuse_dropped, gather_kept, head_mean_scores, prune, select_top, track
 from tokred.reducers import create_reducer
+from tokred.reducers import topk as topk_module
 from tokred.reducers.base import TokenReducer
 from tokred.reducers.evit import Config as EViTConfig
 from tokred.reducers.evit import EViT, keep_rate_schedule
 from tokred.reducers.topk import Config as TopKConfig
 from tokred.reducers.topk import keep_count
 from tokred.training.run import build_model, train
-from tokred.vit_ops import classify, embed
+from tokred.vit_ops import classify, embed, gather_tokens
 
 METHODS = ["topk", "evit"]
 
@@ -260,8 +263,8 @@ def test_token_counts_follow_the_spec_table(make_vit, name, knobs, rate, leaving
 def test_forward_shapes_follow_the_plan(make_vit):
     model = reducer(make_vit(img_size=224, patch_size=16, depth=12), "evit").eval()
     with torch.no_grad():
-        tokens = model.forward_tokens(images(1, 224))
-    assert tokens.shape[1] == 72
+        tokens, size = model.forward_tokens(images(1, 224))
+    assert tokens.shape[1] == 72 and size.shape == (1, 72, 1)
 
 
 def test_keep_rate_warmup_follows_the_official_schedule():
@@ -283,14 +286,14 @@ def test_evit_trains_at_the_scheduled_rate_and_evaluates_at_keep_rate(make_vit):
     counts = {}
     for epoch in (0, 9, 10, 35, 60, 110, 299):
         model.train().on_train_epoch_start(epoch, 300)
-        counts[epoch] = model.forward_tokens(x).shape[1]
+        counts[epoch] = model.forward_tokens(x)[0].shape[1]
         assert model._train_rate == pytest.approx(keep_rate_schedule(0.7, epoch, 10, 100))
     assert counts[0] == counts[9] == counts[10] == 17  # rate 1 (epoch 10: the cosine's start): nothing pruned
     assert counts[35] == 17  # 0.956: ceil(0.956 * 16) = 16 keeps every patch
     assert counts[60] == 14 > counts[110] == counts[299] == 10  # 0.85: 14, 13, 12 kept; 0.7: 12, 10, 8 (+ CLS, fused)
     model.on_train_epoch_start(0, 300)
     with torch.no_grad():
-        assert model.eval().forward_tokens(x).shape[1] == 10  # evaluation ignores the warm-up: keep_rate's count
+        assert model.eval().forward_tokens(x)[0].shape[1] == 10  # evaluation ignores the warm-up: keep_rate's count
     assert model.cost().tokens_per_block[-1] == 10
 
 
@@ -359,8 +362,12 @@ def test_evit_assignment_maps_point_every_patch_at_its_token(make_vit):
         assert sorted(row.tolist()) == list(range(12)) + [12] * 4
     # The fused token is always last: the patches it carries are exactly those no kept token carries.
     with torch.no_grad():
-        reduced = model.forward_tokens(x)
+        reduced, size = model.forward_tokens(x)
     assert reduced.shape[1] == tokens[-1]
+    # Its size (what size-weighted pooling uses) counts the patches it carries, re-fused ones included; CLS is 1.
+    carried = torch.stack([torch.bincount(row, minlength=tokens[-1] - 1) for row in maps[-1].values.flatten(1)])
+    torch.testing.assert_close(size[:, 1:, 0], carried.float())
+    assert (size[:, 0] == 1).all() and (carried.sum(dim=1) == 16).all() and carried[:, -1].gt(1).all()
 
 
 # ---------------------------------------------------------------- FLOPs and budgets
@@ -526,3 +533,126 @@ def test_training_free_run_applies_topk_to_the_backbone_weights(run_cfg, tmp_pat
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), expected(x))
+
+
+# ---------------------------------------------------------------- prefix tokens and CLS-free backbones (issue 16)
+
+# Untrained timm backbones at a small size (16 patches each), cut to 4 blocks to stay fast: one CLS; CLS + 4
+# registers; CLS + distillation token; no prefix with average pooling; no prefix with attention pooling.
+BACKBONES = {
+    "deit": ("deit_small_patch16_224", 64),
+    "registers": ("vit_small_patch14_reg4_dinov2", 56),
+    "distilled": ("deit_small_distilled_patch16_224", 64),
+    "gap": ("vit_medium_patch16_gap_256", 64),
+    "siglip": ("vit_base_patch16_siglip_224", 64),
+}
+VARIANTS = [("topk", {}), ("evit", {}), ("evit", {"fuse": False})]
+LOCATIONS = [0, 1, 2]  # three pruning steps in the 4 blocks
+
+
+@functools.cache
+def _built(key: str) -> torch.nn.Module:
+    model, size = BACKBONES[key]
+    torch.manual_seed(0)
+    return create_backbone({"model": model, "img_size": size, "kwargs": {"depth": 4}}, num_classes=10).eval()
+
+
+def backbone(key: str):
+    return copy.deepcopy(_built(key)), BACKBONES[key][1]
+
+
+def manual_scores(blk, x: torch.Tensor, num_prefix: int, has_cls: bool) -> torch.Tensor:
+    """Candidate scores from the block's full attention map: head mean of the CLS row (row 0) or, without CLS, of the
+    attention each key receives averaged over all queries; prefix columns left out."""
+    b, n, c = x.shape
+    q, k, _ = blk.attn.qkv(blk.norm1(x)).view(b, n, 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    a = (blk.attn.q_norm(q) @ blk.attn.k_norm(k).transpose(-2, -1) * blk.attn.scale).softmax(dim=-1)
+    row = a[:, :, 0] if has_cls else a.mean(dim=2)
+    return row.mean(dim=1)[:, num_prefix:]
+
+
+def record_pruning(monkeypatch, model, boost_prefix: float = 0.0) -> list[dict]:
+    """Record every pruning step of ``model``: the block input, its scoring row and its prune call. ``boost_prefix``
+    is added to the prefix tokens' columns of the row, making them the most attended tokens by far."""
+    steps: list[dict] = []
+    real_row, real_prune = topk_module.attention_with_cls_row, model._prune
+
+    def row(blk, x, has_cls=True):
+        out, r = real_row(blk, x, has_cls)
+        steps.append({"blk": blk, "x": x, "has_cls": has_cls})
+        return out, torch.cat([r[..., : model.num_prefix] + boost_prefix, r[..., model.num_prefix :]], dim=-1)
+
+    def prune_step(x, scores, k):
+        out, selection = real_prune(x, scores, k)
+        steps[-1].update(before=x, after=out, scores=scores, selection=selection, k=k)
+        return out, selection
+
+    monkeypatch.setattr(topk_module, "attention_with_cls_row", row)
+    monkeypatch.setattr(model, "_prune", prune_step)
+    return steps
+
+
+@pytest.mark.parametrize("key", list(BACKBONES))
+@pytest.mark.parametrize("name, knobs", VARIANTS, ids=["topk", "evit", "evit-nofuse"])
+def test_every_backbone_runs_costs_as_counted_and_is_neutral_at_keep_rate_one(key, name, knobs):
+    vit, size = backbone(key)
+    x = images(2, size)
+    with torch.no_grad():
+        expected = vit(x)
+        neutral = reducer(vit, name, keep_rate=1.0, locations=LOCATIONS, **knobs).eval()
+        torch.testing.assert_close(neutral(x), expected, atol=1e-5, rtol=1e-5)  # distilled: both heads averaged
+        model = reducer(vit, name, keep_rate=0.5, locations=LOCATIONS, **knobs).eval()
+        assert model(x).shape == (2, 10) and torch.isfinite(model(x)).all()
+    assert model.cost().tokens_per_block[-1] < neutral.cost().tokens_per_block[-1]
+    assert counted_gmacs(model.deployable(), size) == pytest.approx(model.cost().gmacs, rel=1e-6)
+
+
+@pytest.mark.parametrize("key", ["registers", "distilled", "gap", "siglip"])
+@pytest.mark.parametrize("name, knobs", VARIANTS, ids=["topk", "evit", "evit-nofuse"])
+def test_prefix_tokens_pass_and_the_cls_row_or_received_attention_scores(monkeypatch, key, name, knobs):
+    vit, size = backbone(key)
+    model = reducer(vit, name, keep_rate=0.5, locations=LOCATIONS, **knobs).eval()
+    steps = record_pruning(monkeypatch, model)
+    with torch.no_grad():
+        model(images(2, size))
+        assert len(steps) == 3
+        p = vit.num_prefix_tokens
+        for step in steps:
+            assert step["has_cls"] == vit.has_class_token
+            torch.testing.assert_close(step["scores"], manual_scores(step["blk"], step["x"], p, vit.has_class_token))
+            before, after, keep = step["before"], step["after"], step["selection"].keep
+            assert after.shape[1] == p + step["k"] + (name == "evit" and knobs.get("fuse", True))
+            torch.testing.assert_close(after[:, :p], before[:, :p], atol=0, rtol=0)  # the prefix rows, as they were
+            torch.testing.assert_close(after[:, p : p + step["k"]], gather_tokens(before[:, p:], keep), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name, knobs", VARIANTS, ids=["topk", "evit", "evit-nofuse"])
+def test_the_ranking_ignores_the_register_columns(monkeypatch, name, knobs):
+    """Registers attended far more than any patch change nothing: the kept set is the top k of the patch columns."""
+    vit, size = backbone("registers")
+    x = images(2, size)
+    kept = {}
+    for boost in (0.0, 10.0):
+        model = reducer(vit, name, keep_rate=0.5, locations=LOCATIONS, **knobs).eval()
+        steps = record_pruning(monkeypatch, model, boost_prefix=boost)
+        with torch.no_grad():
+            logits = model(x)
+        kept[boost] = (logits, [s["selection"].keep for s in steps])
+        for step in steps:  # the patch columns alone, computed without the registers
+            top = manual_scores(step["blk"], step["x"], 5, True).topk(step["k"], dim=1).indices
+            torch.testing.assert_close(step["selection"].keep, top)
+    torch.testing.assert_close(kept[10.0][1], kept[0.0][1])
+    torch.testing.assert_close(kept[10.0][0], kept[0.0][0])
+
+
+@pytest.mark.parametrize("key", ["gap", "siglip"])
+def test_evit_pools_the_fused_token_with_the_patches_it_stands_for(key):
+    vit, size = backbone(key)
+    model = reducer(vit, "evit", keep_rate=0.5, locations=LOCATIONS).eval()
+    x = images(2, size)
+    with torch.no_grad():
+        tokens, sizes = model.forward_tokens(x)
+        # No prefix: the tokens leaving the last block carry all 16 patches, the fused one (last) several.
+        assert (sizes.sum(dim=1) == 16).all() and (sizes[:, -1] > 1).all()
+        torch.testing.assert_close(model(x), classify(vit, tokens, sizes))
+        assert not torch.allclose(model(x), classify(vit, tokens), atol=1e-4)  # weighting the fused token as one

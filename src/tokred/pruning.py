@@ -5,17 +5,18 @@ gather and tracking parts with scores of their own. Spec: ``specs/topk_evit.md``
 
 Conventions shared by every function here:
 
-* a token sequence is ``(B, N, C)`` with ``num_prefix`` prefix tokens first (CLS; tokred's backbones have one) and
-  the ``N - num_prefix`` *candidates* after them. Prefix tokens are never scored, dropped or fused;
+* a token sequence is ``(B, N, C)`` with ``num_prefix`` prefix tokens first (``vit.num_prefix_tokens``: CLS, a
+  distillation token, registers, or none) and the ``N - num_prefix`` *candidates* after them. Prefix tokens are
+  never scored, dropped or fused;
 * scores, selections and fusion weights index the candidates only: candidate ``j`` is token ``num_prefix + j``;
 * a selection keeps the same number ``k`` of candidates in every image (rectangular batches), chosen per image.
 
 A pruning step inside a timm block (the placement of Top-K, EViT, ToMe and ATS: after the attention residual,
 before the MLP) reads::
 
-    x, row = attention_with_cls_row(blk, x)                # full attention over all N tokens, and CLS's row
-    scores = head_mean_scores(row)                         # (B, N - 1) candidate scores
-    x, sel = prune(x, scores, k, fuse=True)                # [CLS, kept..., fused]
+    x, row = attention_with_cls_row(blk, x, has_cls)       # full attention over all N tokens, and CLS's row
+    scores = head_mean_scores(row, p)                      # (B, N - p) candidate scores, p prefix tokens
+    x, sel = prune(x, scores, k, fuse=True, num_prefix=p)  # [prefix, kept..., fused]
     x = x + vit_ops.mlp_residual(blk, x)                   # the MLP on the reduced set
 """
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from timm.models.vision_transformer import Block
 
-from tokred.vit_ops import attend, cls_attention, gather_tokens, project_qkv
+from tokred.vit_ops import attend, gather_tokens, project_qkv, scoring_attention
 
 ORDERS = ("score", "index")
 
@@ -47,15 +48,17 @@ class Selection:
         return self.keep.shape[1]
 
 
-def attention_with_cls_row(blk: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_cls_row(blk: Block, x: torch.Tensor, has_cls: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """A timm block's attention residual on ``x`` (B, N, C) and the CLS query's attention row per head (B, H, N).
 
     Fused SDPA never returns attention weights, so the row is recomputed from the block's own q/k (q/k-norm
     included) beside it: O(N * C) per block, equal to row 0 of the full post-softmax map (attention dropout aside,
-    which the recipes set to 0).
+    which the recipes set to 0). Without a CLS token (``has_cls=False``: average or attention pooling) the row is
+    the mean attention each token receives over all queries (:func:`tokred.vit_ops.scoring_attention`), which needs
+    the full map: O(N^2 * C).
     """
     q, k, v = project_qkv(blk.attn, blk.norm1(x))
-    row = cls_attention(blk.attn, q, k)
+    row = scoring_attention(blk.attn, q, k, has_cls)
     return x + blk.drop_path1(blk.ls1(attend(blk.attn, q, k, v))), row
 
 
@@ -109,6 +112,17 @@ def fuse_dropped(
     if normalize:
         weights = weights / weights.sum(dim=1, keepdim=True)
     return torch.bmm(weights.unsqueeze(1), gather_tokens(x[:, num_prefix:], selection.drop))
+
+
+def carry_sizes(size: torch.Tensor, selection: Selection, fused: bool, num_prefix: int = 1) -> torch.Tensor:
+    """Token sizes (B, N, 1) -- how many original patches each token stands for -- through one pruning step, in the
+    layout :func:`prune` writes: prefix and kept tokens keep theirs; the fused token, when ``fused`` and something
+    was dropped, holds the dropped tokens' total (so size-weighted pooling counts the patches it carries)."""
+    kept = gather_kept(size, selection, num_prefix)
+    if fused and selection.drop.shape[1]:
+        dropped = gather_tokens(size[:, num_prefix:], selection.drop).sum(dim=1, keepdim=True)
+        kept = torch.cat([kept, dropped], dim=1)
+    return kept
 
 
 def prune(

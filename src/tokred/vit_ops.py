@@ -68,11 +68,13 @@ def classify(vit: VisionTransformer, tokens: torch.Tensor, size: torch.Tensor | 
         return vit.forward_head(x)
     if not vit.pool_include_prefix:
         x, size = x[:, vit.num_prefix_tokens :], size[:, vit.num_prefix_tokens :]
-    size = size.to(x.dtype)
+    # Sizes are patch counts: summed in fp32 (bf16 is not exact above 256), the pooled feature cast back.
+    size = size.float()
     if vit.attn_pool is not None:
-        pooled = vit.attn_pool(x, attn_mask=size.log().transpose(1, 2).unsqueeze(1))  # (B, 1, 1, N): every head
+        bias = size.log().transpose(1, 2).unsqueeze(1).to(x.dtype)  # (B, 1, 1, N): every head
+        pooled = vit.attn_pool(x, attn_mask=bias)
     else:
-        mean = (x * size).sum(dim=1) / size.sum(dim=1)
+        mean = ((x.float() * size).sum(dim=1) / size.sum(dim=1)).to(x.dtype)
         peak = x.masked_fill(size == 0, -torch.inf).amax(dim=1)  # a zero-size row is padding (ATS), never a max
         pooled = {"avg": mean, "max": peak, "avgmax": 0.5 * (peak + mean)}[vit.global_pool]
     return vit.head(vit.head_drop(vit.fc_norm(pooled)))

@@ -7,7 +7,16 @@ differences, from the official code (spec ``specs/topk_evit.md`` §2, §3, §5):
 * the dropped ("inattentive") tokens are summed into one fused token, weighted by their raw head-mean CLS attention
   (not renormalised, so the weights sum to less than 1), appended after the kept tokens; at a later location it is
   an ordinary candidate that may be kept or fused again;
-* keep counts are relative: ceil(rho * n) of the n non-CLS tokens present, fused token included (``count_mode``);
+* keep counts are relative: ceil(rho * n) of the n non-prefix tokens present, fused token included (``count_mode``);
+* [extension] on average or attention pooling the fused token is pooled with the weight of the patches it stands for
+  (its size: the dropped tokens' sizes summed, a re-fused earlier fused token counting all of its patches; average
+  pooling weights by size, attention pooling adds log(size) to the logits, :func:`tokred.vit_ops.classify`). The
+  official code pools the CLS token only (DeiT; its distilled variant reads CLS and the distillation token), so it
+  never pools the fused token and gives it no size; pooled as one token it would stand for the dropped tokens -- at
+  0.7, 30 % of the patches at the first location -- with the weight of one, and the pooled feature would drift from
+  the mean over the image that the backbone was trained to classify. Pooling reads the fused token after the
+  final (per-token) norm, which removes its shrunk scale (weights summing to < 1). Inside the blocks it stays one
+  ordinary token, as in the official code (no proportional attention);
 * training may warm the keep rate up: 1 for the first ``keep_warmup_start`` of the epochs, then a cosine down to
   ``keep_rate`` over the next ``keep_warmup_epochs`` (the paper's from-scratch run: 10 and 100 of 300 epochs; its
   30-epoch fine-tune from DeiT uses none). The scheduled rate applies at every location. Evaluation and export always
@@ -98,7 +107,7 @@ class EViT(TopK):
         self._train_rate = keep_rate_schedule(cfg.keep_rate, epoch, start, length)
 
     def _prune(self, x: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, Selection]:
-        return prune(x, scores, k, fuse=self.cfg.fuse, normalize=self.cfg.fuse_normalize)
+        return prune(x, scores, k, fuse=self.cfg.fuse, normalize=self.cfg.fuse_normalize, num_prefix=self.num_prefix)
 
     def _map(self, block: int, where: torch.Tensor) -> TokenMap:
         if not self.cfg.fuse:

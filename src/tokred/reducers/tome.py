@@ -5,8 +5,10 @@ matching*: the tokens are split alternately into sets A and B, each A token poin
 (cosine of the block's keys, averaged over heads), and the ``r`` A tokens with the most similar partners are folded
 into them by a size-weighted average. Sizes (how many input patches a token holds) are tracked; with *proportional
 attention* every later block adds log(size) to its attention logits, so a merged token weighs in the softmax like the
-copies it replaced. Prefix tokens (CLS) are never merged. No parameters are added, so ToMe applies training-free to
-any trained backbone (``finetune_epochs=0``) or is fine-tuned with plain cross-entropy.
+copies it replaced. Prefix tokens (CLS, a distillation token, registers) are never merged. Average pooling weights
+each token by its size and attention pooling (SigLIP's MAP head) adds log(size) to its logits, so both pool over the
+patches as the unmerged model would (:func:`tokred.vit_ops.classify`). No parameters are added, so ToMe applies
+training-free to any trained backbone (``finetune_epochs=0``) or is fine-tuned with plain cross-entropy.
 
 Unlike the official patch (written for timm 0.4.12), the blocks run through :mod:`tokred.vit_ops`: LayerScale,
 q/k-norm and fused SDPA (log-size bias as a float ``attn_mask``) are kept, and the per-block r is indexed rather than
@@ -39,7 +41,8 @@ from tokred.vit_ops import (
     project_qkv,
 )
 
-POOLS = ("token", "avg")
+# Max pooling is left out: the maximum over merged averages is not the maximum over the patches they hold.
+POOLS = ("token", "avg", "map")
 # A budget is met when the cost lands in [(1 - BUDGET_RTOL) * target, target].
 BUDGET_RTOL = 0.01
 
@@ -200,7 +203,7 @@ class ToMe(TokenReducer):
         check_standard_vit(vit, self.name)
         if vit.global_pool not in POOLS:
             raise UnsupportedBackbone(
-                f"reducer=tome supports global_pool token or avg (size-weighted), got "
+                f"reducer=tome supports global_pool token, avg or map (size-weighted), got "
                 f"{vit.global_pool!r}; set backbone.kwargs.global_pool"
             )
         self.protected = vit.num_prefix_tokens
@@ -222,7 +225,8 @@ class ToMe(TokenReducer):
             matching = (n + 1) // 2 * (n // 2) * blk.attn.head_dim if r else 0
             blocks.append(BlockCost(n, n, vit.embed_dim, width, width, blk.mlp.fc1.out_features, matching, n_mlp=n - r))
             n -= r
-        return ModelCost(blocks, stem_macs(vit), head_macs(vit), tokens_per_block=[b.n_q for b in blocks])
+        # An attention-pooling head attends over the n tokens leaving the last block.
+        return ModelCost(blocks, stem_macs(vit), head_macs(vit, n), tokens_per_block=[b.n_q for b in blocks])
 
     def cost(self) -> ModelCost:
         return self._cost(self.schedule)
@@ -300,15 +304,8 @@ class ToMe(TokenReducer):
         return x, size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x, size = self.forward_tokens(images)
-        vit = self.vit
-        if vit.global_pool != "avg" or size is None:
-            return classify(vit, x)
-        # A merged token stands for `size` patches: an unweighted mean would under-weight it (spec §4; ToMe #11).
-        start = 0 if getattr(vit, "pool_include_prefix", False) else self.protected
-        x, weight = vit.norm(x)[:, start:], size[:, start:]
-        pooled = ((x * weight).sum(dim=1) / weight.sum(dim=1)).to(x.dtype)
-        return vit.head(vit.head_drop(vit.fc_norm(pooled)))
+        # A merged token stands for `size` patches: unweighted pooling would under-weight it (spec §4; ToMe #11).
+        return classify(self.vit, *self.forward_tokens(images))
 
     @torch.no_grad()
     def token_maps(self, images: torch.Tensor) -> list[TokenMap]:

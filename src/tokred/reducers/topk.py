@@ -16,6 +16,15 @@ Keep counts (``count_mode``, spec §2), with ``keep_rate`` = rho:
   0.55 * 100 keeps 56).
 
 A location that would keep every token does nothing (no scoring), so ``keep_rate=1`` is the plain backbone.
+
+Prefix tokens (CLS, a distillation token, registers: ``vit.num_prefix_tokens``, always the first rows) pass through
+every location like CLS: they are never candidates, their columns are left out of the scores, and the CLS query's
+row (row 0) scores -- never a register's or the distillation token's. On backbones without CLS (average or attention
+pooling) the candidates are ranked by the mean attention they receive over all queries (Learned Token Pruning, Kim et
+al. 2022; Zero-TPrune 2024; :func:`tokred.vit_ops.scoring_attention`), the established substitute for the CLS row:
+like it, a distribution over the keys, so keep counts and EViT's fusion weights keep their meaning. It needs the
+block's full attention map, which the cost counts. Pooling sees exactly the tokens leaving the last block
+(:func:`tokred.vit_ops.classify`); EViT's fused token is weighted there by the patches it stands for.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import torch
 from torch import nn
 
 from tokred.flops import BlockCost, ModelCost, head_macs, num_tokens, stem_macs
-from tokred.pruning import Selection, attention_with_cls_row, head_mean_scores, prune, track
+from tokred.pruning import Selection, attention_with_cls_row, carry_sizes, head_mean_scores, prune, track
 from tokred.reducers import register_reducer
 from tokred.reducers.base import Phase, TokenMap, TokenReducer, TrainingFreeConfig
 from tokred.vit_ops import block_forward, check_standard_vit, classify, embed, mlp_residual
@@ -39,8 +48,8 @@ RATE_GRID = [i / 1000 for i in range(1, 1001)]
 # A budget is met when the cost lands in [target * (1 - BUDGET_TOLERANCE), target]: never above it.
 BUDGET_TOLERANCE = 0.01
 
-# on_block(block, where): after each block, per original patch (B, P), the index (among the non-CLS tokens leaving
-# the block) of the token carrying it; -1 once it was dropped (see tokred.pruning.track).
+# on_block(block, where): after each block, per original patch (B, P), the index (among the non-prefix tokens
+# leaving the block) of the token carrying it; -1 once it was dropped (see tokred.pruning.track).
 BlockCallback = Callable[[int, torch.Tensor], None]
 
 
@@ -83,6 +92,8 @@ class TopK(TokenReducer):
     def __init__(self, vit: nn.Module, cfg: Config) -> None:
         super().__init__(vit, cfg)
         check_standard_vit(vit, self.name)
+        self.num_prefix = vit.num_prefix_tokens
+        self.has_cls = vit.has_class_token  # False: rank by received attention (module docstring)
         depth = len(vit.blocks)
         if cfg.locations[-1] >= depth:
             raise ValueError(
@@ -98,42 +109,46 @@ class TopK(TokenReducer):
     def plan(self, keep_rate: float, n_tokens: int | None = None) -> list[int | None]:
         """Per block, the patch tokens it keeps after attention, or None where it prunes nothing."""
         n = num_tokens(self.vit) if n_tokens is None else n_tokens
-        n_patches, cfg, plan = n - 1, self.cfg, []
+        p = self.num_prefix
+        n_patches, cfg, plan = n - p, self.cfg, []
         for block in range(len(self.vit.blocks)):
             k = None
             if block in self._rank:
-                k = keep_count(cfg.count_mode, keep_rate, n - 1, n_patches, self._rank[block])
+                k = keep_count(cfg.count_mode, keep_rate, n - p, n_patches, self._rank[block])
                 if k < 1:
                     raise ValueError(
                         f"reducer.keep_rate={keep_rate} keeps no patch token at block {block} "
                         f"(count_mode={cfg.count_mode}); raise it or use fewer reducer.locations"
                     )
-                if k == n - 1:
+                if k == n - p:
                     k = None
                 else:
-                    n = 1 + k + self.fuses
+                    n = p + k + self.fuses
             plan.append(k)
         return plan
 
     def _cost(self, keep_rate: float) -> ModelCost:
         vit = self.vit
-        c, n = vit.embed_dim, num_tokens(vit)
+        c, n, p = vit.embed_dim, num_tokens(vit), self.num_prefix
         blocks, tokens = [], []
         for blk, k in zip(vit.blocks, self.plan(keep_rate)):
             d, hidden = blk.attn.attn_dim, blk.mlp.fc1.out_features
             if k is None:
                 blocks.append(BlockCost(n, n, c, d, d, hidden))
             else:
-                n_out = 1 + k + self.fuses
-                # Besides the block: the CLS query row (q0 . K^T) and the fused token's weighted sum over the dropped
-                # tokens, both matmuls the FLOP counter sees (the spec's convention leaves them out; < 0.01% here).
-                extra = d * n + self.fuses * c * (n - 1 - k)
+                n_out = p + k + self.fuses
+                # Besides the block: the CLS query row (q0 . K^T) -- without CLS the full map Q . K^T, for the
+                # attention each token receives -- and the fused token's weighted sum over the dropped tokens, all
+                # matmuls the FLOP counter sees (the spec's convention leaves them out; < 0.01% here with CLS).
+                row = d * n * (1 if self.has_cls else n)
+                extra = row + self.fuses * c * (n - p - k)
                 blocks.append(BlockCost(n, n, c, d, d, hidden, extra_macs=extra, n_mlp=n_out))
                 n = n_out
             tokens.append(n)
         # tokens_per_block: tokens *leaving* each block (what the token maps show); a pruning block's attention
-        # still sees its input count, which BlockCost.n_q holds.
-        return ModelCost(blocks, stem_macs(vit), head_macs(vit), tokens_per_block=tokens)
+        # still sees its input count, which BlockCost.n_q holds. An attention-pooling head attends over the n tokens
+        # leaving the last block.
+        return ModelCost(blocks, stem_macs(vit), head_macs(vit, n), tokens_per_block=tokens)
 
     def cost(self) -> ModelCost:
         return self._cost(self.cfg.keep_rate)
@@ -163,33 +178,40 @@ class TopK(TokenReducer):
         return self.cfg.keep_rate
 
     def _prune(self, x: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, Selection]:
-        return prune(x, scores, k)
+        return prune(x, scores, k, num_prefix=self.num_prefix)
 
-    def forward_tokens(self, images: torch.Tensor, on_block: BlockCallback | None = None) -> torch.Tensor:
-        """Tokens after the last block: CLS, the surviving patch tokens in score order (then EViT's fused token).
+    def forward_tokens(
+        self, images: torch.Tensor, on_block: BlockCallback | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens after the last block -- the prefix tokens, the surviving patch tokens in score order (then EViT's
+        fused token) -- and their sizes (B, N, 1), the patches each stands for; None until a token is fused.
 
         ``on_block`` sees, after every block, where each original patch went (see :data:`BlockCallback`).
         """
         x = embed(self.vit, images)
-        where = None
+        p, size, where = self.num_prefix, None, None
         if on_block is not None:
-            b, n = x.shape[0], x.shape[1] - 1
+            b, n = x.shape[0], x.shape[1] - p
             where = torch.arange(n, device=x.device).expand(b, n)
         for i, (blk, k) in enumerate(zip(self.vit.blocks, self.plan(self.keep_rate_now(), x.shape[1]))):
             if k is None:
                 x = block_forward(blk, x)
             else:
-                x, row = attention_with_cls_row(blk, x)
-                x, selection = self._prune(x, head_mean_scores(row), k)
+                x, row = attention_with_cls_row(blk, x, self.has_cls)
+                if self.fuses and size is None:
+                    size = torch.ones(*x.shape[:2], 1, device=x.device)  # fp32: counts stay exact under autocast
+                x, selection = self._prune(x, head_mean_scores(row, p), k)
+                if size is not None:
+                    size = carry_sizes(size, selection, self.fuses, p)
                 x = x + mlp_residual(blk, x)
                 if where is not None:
                     where = track(where, selection, self.fuses)
             if on_block is not None:
                 on_block(i, where)
-        return x
+        return x, size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return classify(self.vit, self.forward_tokens(images))
+        return classify(self.vit, *self.forward_tokens(images))
 
     @torch.no_grad()
     def token_maps(self, images: torch.Tensor) -> list[TokenMap]:
