@@ -11,6 +11,7 @@ from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -366,3 +367,76 @@ def test_presets_carry_the_papers_recipe():
         assert (cfg.backbone.name, cfg.reducer.name, list(cfg.reducer.stage_blocks)) == ("deit_small", "sit", split)
         assert cfg.trainer.max_epochs == 135 and cfg.optim.cooldown_epochs == 10 and cfg.optim.warmup_epochs == 0
         assert cfg.optim.per_epoch and (cfg.optim.lr, cfg.optim.lr_batch, cfg.optim.weight_decay) == (2e-4, 512, 0.05)
+
+
+# ---------------------------------------------------------------- prefix tokens, CLS-free backbones (issue 16)
+# timm name -> image size giving 16 patches. Built untrained at 4 blocks of width 48: what is tested is the layout
+# (prefix tokens, pooling, distilled head, registers, LayerScale, attention pool), not the size.
+LAYOUTS = {
+    "deit_small_patch16_224": 64,
+    "deit_base_patch16_224": 64,
+    "vit_base_patch16_224": 64,
+    "deit3_small_patch16_224": 64,
+    "vit_small_patch14_dinov2": 56,
+    "vit_base_patch16_clip_224": 64,
+    "vit_small_patch14_reg4_dinov2": 56,  # CLS + 4 registers
+    "deit_small_distilled_patch16_224": 64,  # CLS + distillation token, two heads
+    "vit_medium_patch16_gap_256": 64,  # no CLS, average pooling
+    "vit_base_patch16_siglip_224": 64,  # no CLS, attention pooling
+}
+
+
+def small_backbone(name: str):
+    torch.manual_seed(0)
+    return timm.create_model(name, img_size=LAYOUTS[name], depth=4, embed_dim=48, num_heads=2, num_classes=7).eval()
+
+
+def layout_images(name: str) -> torch.Tensor:
+    return torch.randn(2, 3, LAYOUTS[name], LAYOUTS[name], generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_prefix_tokens_bypass_every_tsm_and_the_cost_is_counted(name):
+    vit = small_backbone(name)
+    prefix, images = vit.num_prefix_tokens, layout_images(name)
+    model = sit(vit, stage_blocks=[1, 1, 1, 1]).eval()
+    # Each block's input (its norm1 sees it) and the last block's output (the final norm sees it).
+    inputs = []
+    for blk in vit.blocks:
+        blk.norm1.register_forward_hook(lambda mod, args, out: inputs.append(args[0]))
+    vit.norm.register_forward_hook(lambda mod, args, out: inputs.append(args[0]))
+    with torch.no_grad():
+        logits = model(images)
+        assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+        assert [x.shape[1] for x in inputs] == [prefix + n for n in (16, 8, 4, 2, 2)]
+        for i, blk in enumerate(vit.blocks):
+            out, following = blk(inputs[i]), inputs[i + 1]
+            torch.testing.assert_close(following[:, :prefix], out[:, :prefix])  # passed through, untouched
+            # The TSM aggregates the patch rows only: no prefix token is ever a candidate.
+            patches = out[:, prefix:]
+            torch.testing.assert_close(following[:, prefix:], model.tsms[str(i)](patches) if i < 3 else patches)
+        assert [m.values.shape for m in model.token_maps(images)] == [(2, 4, 4)] * 4
+    deploy = model.deployable()
+    assert model.cost().gmacs == pytest.approx(counted_gmacs(deploy, LAYOUTS[name]), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_one_stage_gives_the_plain_timm_logits_on_every_layout(name):
+    vit, images = small_backbone(name), layout_images(name)
+    model = sit(vit, stage_blocks=[4]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), vit(images), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_distillation_trains_on_every_layout(name):
+    images, labels = layout_images(name), torch.arange(2)
+    plain = sit(small_backbone(name), stage_blocks=[4]).train()
+    _, terms = plain.losses(images, labels, F.cross_entropy, freeze(plain.build_teacher()))
+    # Unslimmed, the student is its teacher: the token maps (prefix excluded on both sides) and logits agree.
+    assert terms["token_mse"].item() == 0 and terms["kl"].item() == pytest.approx(0, abs=1e-6)
+    model = sit(small_backbone(name), stage_blocks=[1, 1, 1, 1]).train()
+    _, terms = model.losses(images, labels, F.cross_entropy, freeze(model.build_teacher()))
+    assert all(torch.isfinite(v) for v in terms.values()) and terms["token_mse"] > 0
+    sum(terms.values()).backward()
+    assert all(tsm.mlp.fc1.weight.grad.abs().sum() > 0 for tsm in model.tsms.values())

@@ -2,9 +2,11 @@
 
 The student runs the stock timm blocks (through :mod:`tokred.vit_ops`) in ``len(stage_blocks)`` stages. Between two
 stages a Token Slimming Module (TSM) replaces the N patch tokens by N' = floor(N0 * keep_ratio**k) learned convex
-combinations of them; the CLS token bypasses it. Training is distillation from a frozen copy of the unslimmed
-backbone: CE + token MSE between the teacher's block outputs and the student's, mapped back to N0 tokens by
-training-only Reverse TSMs, + logit KL. The deployable model keeps the TSMs and drops the RTSMs.
+combinations of them; the prefix tokens (CLS, distillation token, registers) bypass it. Training is distillation from
+a frozen copy of the unslimmed backbone: CE + token MSE between the teacher's block outputs and the student's, mapped
+back to N0 tokens by training-only Reverse TSMs, + logit KL. The deployable model keeps the TSMs and drops the RTSMs.
+Nothing in the method needs a CLS token (no token is scored; the distillation compares patch tokens and logits), so
+CLS-free backbones (average or attention pooling) are slimmed the same way.
 
 Spec: ``specs/sit.md``. Choices the spec leaves open, and deviations, are marked ``[choice]`` in comments.
 [choice] The optional CNN-teacher DIST-token loss (L_hard) is left out, as the spec advises: no released script uses
@@ -161,9 +163,13 @@ def forward_with_token_maps(
     tsms: Mapping[str, TokenSlimming],
     tsm_weights: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Logits and each block's patch-token output (pre-final-norm residual stream, CLS excluded, after the TSM that
-    follows the block, if any). ``tsms`` maps a block index (as str) to the TSM applied after it; empty: the teacher.
-    ``tsm_weights``, if given, receives each TSM's (B, N_in, N_out) aggregation weights in block order.
+    """Logits and each block's patch-token output (pre-final-norm residual stream, prefix tokens excluded, after the
+    TSM that follows the block, if any). ``tsms`` maps a block index (as str) to the TSM applied after it; empty: the
+    teacher. ``tsm_weights``, if given, receives each TSM's (B, N_in, N_out) aggregation weights in block order.
+
+    [choice] Average / attention pooling weighs the slimmed tokens equally (``classify`` without ``size``): a TSM
+    output is a new learned token -- a convex combination of all inputs, its weights summing to 1 like every other
+    output's -- not a group of merged patches with a size, and the student learns its TSMs under this pooling.
     """
     prefix = vit.num_prefix_tokens
     x = embed(vit, images)
@@ -260,7 +266,9 @@ class SiT(TokenReducer):
         for blk, (n_in, n_out) in zip(self.vit.blocks, self._layout(stage_blocks, keep_ratio)):
             extra = 0 if n_out is None else tsm_macs(n_in, n_out, dim)
             blocks.append(BlockCost.dense(n_in + prefix, dim, blk.mlp.fc1.out_features, extra))
-        return ModelCost(blocks, stem_macs(self.vit), head_macs(self.vit), tokens_per_block=[b.n_q for b in blocks])
+        # Attention pooling (SigLIP) costs by the tokens leaving the last block: the last stage's.
+        head = head_macs(self.vit, n_out=blocks[-1].n_q)
+        return ModelCost(blocks, stem_macs(self.vit), head, tokens_per_block=[b.n_q for b in blocks])
 
     def _fit_budget(self, target: float, num_stages: int) -> tuple[list[int], float]:
         """Stage split (and, only if no split lands within 3%, keep ratio) whose analytic cost is closest to target.
