@@ -25,6 +25,7 @@ from tokred.cli import train as train_cli
 from tokred.cli import visualize as visualize_cli
 from tokred.config import ConfigError, compose_config
 from tokred.training import phases
+from tokred.training.module import NonFiniteLossError, TokredModule
 from tokred.training.run import build_model, train
 
 NO_MAPS = "visualize.every_n_epochs=0"
@@ -108,6 +109,45 @@ def test_an_unreadable_checkpoint_is_refused_before_the_run_is_touched(run_cfg):
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         train(run_cfg("trainer.max_epochs=1", NO_MAPS, f"ckpt_path={run_dir}"))
     assert files(run_dir) == before, "csv/hparams.yaml and the rest are untouched"
+
+
+# ------------------------------------------------------------------------------------------------ NaN
+@pytest.mark.parametrize(
+    "log_every, nan_step, found, reads",
+    [
+        (2, 3, 5, [2, 3, 5]),  # read every 2nd step: at step 2, at epoch 1's end (a save) and 2 steps after the NaN
+        (50, 4, 6, [3, 6]),  # read before each save only: the NaN ran on to epoch 2's end, whose save is refused
+    ],
+)
+def test_a_nan_loss_read_lazily_still_stops_the_run_and_keeps_the_last_good_checkpoint(
+    run_cfg, monkeypatch, log_every, nan_step, found, reads
+):
+    # 2 epochs of 3 steps, saved at epoch ends only; the loss is read every `log_every` steps and before each save.
+    overrides = ["trainer.limit_train_batches=3", f"trainer.log_every_n_steps={log_every}"]
+    cfg = run_cfg(*overrides, "checkpoint.every_n_train_steps=0", NO_MAPS)
+    criterion, check = TokredModule.criterion, TokredModule.check_finite_loss
+    synced = []
+
+    def diverge(self, logits, targets):  # in epoch 2; the updates of the steps until the read run on the NaN
+        loss = criterion(self, logits, targets)
+        return loss * float("nan") if self.global_step == nan_step else loss
+
+    def counted_check(self):
+        if self._unchecked_batches:
+            synced.append(self.global_step)
+        check(self)
+
+    monkeypatch.setattr(TokredModule, "criterion", diverge)
+    monkeypatch.setattr(TokredModule, "check_finite_loss", counted_check)
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints/train/last.ckpt"
+    message = str(err.value)
+    assert f"non-finite training loss at step {nan_step}, found at step {found} (read every" in message
+    assert str(last) in message and "\n" not in message
+    assert synced == reads, "the loss is read on the host only there, not every step"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 3 and all(torch.isfinite(t).all() for t in saved["state_dict"].values())
 
 
 # ------------------------------------------------------------------------------------------------ disks

@@ -6,6 +6,9 @@ for a training-free reducer applied to a backbone's own weights, with no tokred 
 (``phases/<phase>.pt``), an export directory (``export/``, from :mod:`tokred.export`) or a run directory (its
 ``export/``). The model is rebuilt from what the checkpoint records; weights load with ``weights_only=True`` or from
 safetensors. Prints a table and, last, one JSON line; logs to the configured logger and writes ``eval.json``.
+
+``export=onnx`` also writes the model as ``model.onnx`` next to ``eval.json`` (:func:`tokred.export.export_onnx`, needs
+``pip install 'tokred[onnx]'``), before evaluating it: a model that cannot be exported fails at once.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from tokred.config import (
     quiet_libraries,
 )
 from tokred.data import build_datamodule
-from tokred.export import load_deployable
+from tokred.export import export_onnx, load_deployable
 from tokred.io import atomic_write_json
 from tokred.reducers import create_reducer, is_training_free
 from tokred.reducers.base import TokenReducer
@@ -124,7 +127,10 @@ def apply_training_free(cfg: DictConfig, num_classes: int) -> tuple[TokenReducer
 @hydra.main(config_path=str(conf_dir()), config_name="eval", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     quiet_libraries(bool(cfg.get("verbose", False)))
+    onnx_path = None
     try:
+        if cfg.export not in (None, "onnx"):
+            raise ConfigError(f"export={cfg.export}: the one export format is onnx (export=onnx; null: none)")
         if cfg.ckpt_path is None:  # training-free: main() made sure a backbone was chosen
             datamodule = build_datamodule(cfg.dataset)
             model, meta = apply_training_free(cfg, datamodule.num_classes)
@@ -141,6 +147,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
                 + (f" (dataset={meta['dataset']})" if meta.get("dataset") else "")
             )
         out_dir = Path(cfg.paths.output_dir)
+        if cfg.export == "onnx" and rank_zero_only.rank == 0:  # DDP ranks would each write the same file
+            onnx_path = export_onnx(model, out_dir / "model.onnx", int(cfg.backbone.img_size))
         logger = build_logger(cfg.get("logger"), out_dir)
         if logger is not None:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -162,6 +170,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         "model/gmacs": round(stats["model/gmacs"], 4),
         "model/gmacs_counted": round(stats["model/gmacs_counted"], 4),
         "model/params_m": round(stats["model/params_m"], 4),
+        "onnx": str(onnx_path) if onnx_path else None,
     }
     if logger is not None:
         logger.finish(summary)

@@ -18,6 +18,9 @@ from tokred.reducers import create_reducer
 from tokred.reducers.base import TokenReducer
 from tokred.training.optim import build_optimizer, build_scheduler, scheduler_interval, step_scheduler
 
+# No step yet had a non-finite loss: larger than any step, so the first bad step is a minimum (also across ranks).
+NO_STEP = torch.iinfo(torch.int64).max
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a training loss turns NaN/inf; the last good checkpoint is left untouched."""
@@ -77,6 +80,11 @@ class TokredModule(L.LightningModule):
             self.val_ema_acc1 = self.val_acc1.clone()
             self.val_ema_acc5 = self.val_acc5.clone()
         self._ema_step = -1
+        # The first step whose loss was non-finite, kept on the device: reading it forces a host-device sync, so
+        # check_finite_loss() reads it only every trainer.log_every_n_steps batches and before every checkpoint.
+        # A plain tensor, not a buffer: DDP would broadcast rank 0's buffer over the other ranks' every step.
+        self._first_nonfinite_step: torch.Tensor | None = None
+        self._unchecked_batches = 0
 
     def _new_ema(self) -> ModelEmaV3:
         ema = ModelEmaV3(self.model, decay=float(self.optim_cfg["ema_decay"]))
@@ -101,6 +109,8 @@ class TokredModule(L.LightningModule):
             trainer.world_size * trainer.accumulate_grad_batches * int(self.trainer.datamodule.cfg["batch_size"])
         )
         self.model.on_fit_start(global_batch, trainer.max_epochs)
+        self._first_nonfinite_step = torch.full((), NO_STEP, dtype=torch.int64, device=self.device)
+        self._unchecked_batches = 0
 
     def on_train_epoch_start(self) -> None:
         self.model.on_train_epoch_start(self.current_epoch, self.trainer.max_epochs)
@@ -112,13 +122,9 @@ class TokredModule(L.LightningModule):
             images, targets = self.mixup(images, labels)
         logits, terms = self.model.losses(images, targets, self.criterion, self.teacher)
         loss = torch.stack(list(terms.values())).sum()
-        # Decided across ranks: a rank left running would wait forever in the next gradient all-reduce.
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True):
-            bad = ", ".join(f"{k}={v.item():.3g}" for k, v in terms.items())
-            raise NonFiniteLossError(
-                f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step} ({bad}); "
-                "lower optim.lr or set trainer.gradient_clip_val; the last good checkpoint is kept"
-            )
+        step = torch.where(torch.isfinite(loss.detach()), NO_STEP, self.global_step)
+        self._first_nonfinite_step = torch.minimum(self._first_nonfinite_step, step)
+        self._unchecked_batches += 1
         self.train_acc(logits.detach(), labels)
         self.log("train/loss", loss, prog_bar=True)
         for name, value in terms.items():
@@ -127,11 +133,35 @@ class TokredModule(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
         return loss
 
+    def check_finite_loss(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a training loss was NaN/inf since the fit started: one host-device
+        sync, decided across ranks (a rank left running would wait forever in the next gradient all-reduce). No-op
+        when no batch trained since the last check, so every caller may check."""
+        if self._unchecked_batches == 0:
+            return
+        self._unchecked_batches = 0
+        # A copy: DDP's all-reduce works in place.
+        first = int(self.trainer.strategy.reduce(self._first_nonfinite_step.clone(), reduce_op="min"))
+        if first != NO_STEP:
+            # Read lazily, the loss is found up to log_every_n_steps steps late, and those steps have trained on it:
+            # their weights are never saved.
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {first}, found at step {self.global_step} (read every "
+                f"trainer.log_every_n_steps steps and before each save): nothing trained from step {first} on is "
+                "saved; lower optim.lr or set trainer.gradient_clip_val; the last good checkpoint is kept"
+            )
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Once per optimiser step: with gradient accumulation several batches end before the next one.
         if self.ema is not None and self.global_step != self._ema_step:
             self.ema.update(self.model)
             self._ema_step = self.global_step
+        # Along with the logged metrics; trainer.log_every_n_steps=0 (no logging): at epoch ends and saves only.
+        if 0 < self.trainer.log_every_n_steps <= self._unchecked_batches:
+            self.check_finite_loss()
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite_loss()
 
     def _score(self, split: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
         self.val_acc1(logits, labels)
@@ -174,6 +204,7 @@ class TokredModule(L.LightningModule):
         step_scheduler(scheduler, self.optim_cfg, self.current_epoch, self.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite_loss()  # every save, also those no _FiniteCheckpoint makes (Ctrl-C, SIGTERM)
         checkpoint["tokred_structure"] = self.model.structure()
         checkpoint["tokred"] = self.meta
 

@@ -188,12 +188,15 @@ class _FiniteCheckpoint(ModelCheckpoint):
     """Refuses to replace a checkpoint with non-finite weights: a NaN step must not destroy the last good one."""
 
     def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
-        for name, param in trainer.lightning_module.named_parameters():
-            if not torch.isfinite(param).all():
-                raise NonFiniteLossError(
-                    f"parameter {name} became non-finite at step {trainer.global_step}; {Path(filepath).name} was not "
-                    "overwritten. Lower optim.lr or set trainer.gradient_clip_val, then resume with ckpt_path=last"
-                )
+        module = trainer.lightning_module
+        module.check_finite_loss()  # a non-finite loss, read lazily, is the likelier cause: say that first
+        # Reduced on the device, then read once: one host-device sync, not one per tensor.
+        if not bool(torch.stack([torch.isfinite(p).all() for p in module.parameters()]).all()):
+            name = next(n for n, p in module.named_parameters() if not torch.isfinite(p).all())
+            raise NonFiniteLossError(
+                f"parameter {name} became non-finite at step {trainer.global_step}; {Path(filepath).name} was not "
+                "overwritten. Lower optim.lr or set trainer.gradient_clip_val, then resume with ckpt_path=last"
+            )
         super()._save_checkpoint(trainer, filepath)
 
 
