@@ -20,7 +20,7 @@ from tokred.cli import benchmark as benchmark_cli
 from tokred.cli import report as report_cli
 from tokred.config import compose_config
 from tokred.export import save_deployable
-from tokred.flops import cpu_attention_formulas
+from tokred.flops import cpu_attention_formulas, train_cost
 from tokred.reducers import available_reducers
 from tokred.reducers.base import TokenReducer
 from tokred.training.run import build_model
@@ -114,7 +114,7 @@ def trainee(reducer: str) -> tuple[harness.Trainee, int]:
 def test_train_gmacs_is_three_forwards_without_a_teacher(bench):
     built, _ = trainee("none")
     assert built.teacher is None
-    assert harness.train_cost(built.model, None)["train_gmacs"] == 3 * built.model.cost().gmacs
+    assert train_cost(built.model, None)["train_gmacs"] == 3 * built.model.cost().gmacs
     base = next(r for r in bench[0] if r["kind"] == "baseline")
     assert base["train_gmacs"] == pytest.approx(3 * base["gmacs"], abs=2e-6)  # both rounded to 6 decimals
 
@@ -123,7 +123,7 @@ def test_train_gmacs_is_three_forwards_without_a_teacher(bench):
 def test_a_teacher_adds_exactly_its_forward(reducer):
     built, _ = trainee(reducer)
     assert built.teacher is not None and not any(p.requires_grad for p in built.teacher.parameters())
-    with_teacher, without = harness.train_cost(built.model, built.teacher), harness.train_cost(built.model, None)
+    with_teacher, without = train_cost(built.model, built.teacher), train_cost(built.model, None)
     # Both teachers are the unreduced backbone: its forward is the dense cost of the student's own ViT.
     assert with_teacher["teacher"] == TokenReducer.cost(built.model).gmacs
     assert with_teacher["train_gmacs"] == 3 * without["train_forward"] + with_teacher["teacher"]
@@ -134,7 +134,7 @@ def test_a_teacher_adds_exactly_its_forward(reducer):
 def test_train_forward_cost_matches_what_runs(reducer):
     """The analytic training forward (model + teacher) against torch's FLOP count of one train-mode ``losses``."""
     built, img = trainee(reducer)
-    cost = harness.train_cost(built.model, built.teacher)
+    cost = train_cost(built.model, built.teacher)
     images, targets = torch.randn(2, 3, img, img), torch.randint(1000, (2,))
     counter = FlopCounterMode(display=False, custom_mapping=cpu_attention_formulas())
     with counter:

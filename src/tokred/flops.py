@@ -113,6 +113,20 @@ def num_tokens(vit: nn.Module) -> int:
     return vit.patch_embed.num_patches + vit.num_prefix_tokens
 
 
+def dense_macs(vit: nn.Module) -> int:
+    """One forward of an unreduced timm ViT: what a frozen teacher costs."""
+    return stem_macs(vit) + sum(b.macs() for b in dense_block_costs(vit)) + head_macs(vit)
+
+
+def train_cost(model: nn.Module, teacher: nn.Module | None) -> dict[str, float]:
+    """GMACs per image of one training step of reducer ``model``: ``train_forward`` (its
+    :meth:`~tokred.reducers.base.TokenReducer.train_forward_macs`), ``teacher`` (one forward: frozen, no backward) and
+    ``train_gmacs`` = 3 x train_forward + teacher (a backward costs about two forwards)."""
+    forward = model.train_forward_macs() / 1e9
+    frozen = 0.0 if teacher is None else dense_macs(teacher) / 1e9
+    return {"train_forward": forward, "teacher": frozen, "train_gmacs": 3 * forward + frozen}
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

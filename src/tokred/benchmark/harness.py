@@ -47,12 +47,9 @@ from tokred.benchmark.timing import (
 )
 from tokred.benchmark.wandb_log import log_rows
 from tokred.config import ConfigError, compose_config, group_choices, validate
-from tokred.flops import dense_block_costs, head_macs, stem_macs
+from tokred.flops import train_cost
 from tokred.reducers import available_reducers, reducer_class
 from tokred.reducers.base import TokenReducer
-from tokred.reducers.dynamicvit import DynamicViT, predictor_macs
-from tokred.reducers.evo_vit import EvoViT
-from tokred.reducers.sit import SiT
 from tokred.training.module import soft_cross_entropy
 from tokred.training.optim import build_optimizer, effective_lr
 from tokred.training.run import build_model, model_stats
@@ -195,46 +192,6 @@ def training_setup(model: TokenReducer, deployable: nn.Module) -> nn.Module | No
     model.train()
     teacher = model.build_teacher()
     return freeze(teacher) if teacher is not None else None
-
-
-def _vit_macs(vit: nn.Module) -> int:
-    """One forward of an unreduced timm ViT: what a frozen teacher costs."""
-    return stem_macs(vit) + sum(b.macs() for b in dense_block_costs(vit)) + head_macs(vit)
-
-
-def _mlp_macs(mlp: nn.Module, rows: int) -> int:
-    return rows * (mlp.fc1.in_features * mlp.fc1.out_features + mlp.fc2.in_features * mlp.fc2.out_features)
-
-
-def train_forward_macs(model: TokenReducer) -> int:
-    """MACs per image of the trainable model's forward in its training configuration (teacher excluded).
-
-    The deployable cost, plus what training runs that deployment does not: DynamicViT trains with Gumbel masks, every
-    block on all tokens and every prediction module on all N patches; SiT adds its Reverse TSMs (a token MLP over
-    the channels, a channel MLP over the N patches), Evo-ViT its auxiliary CLS head. Evo-ViT's layer-wise training
-    reads a few more CLS attention rows than the stage-wise deployment (C x T each, < 0.1%); not added.
-    """
-    if isinstance(model, DynamicViT):
-        n = model.vit.patch_embed.num_patches
-        return TokenReducer.cost(model).macs + len(model.locs) * n * predictor_macs(model.vit.embed_dim)
-    macs = model.cost().macs
-    if isinstance(model, SiT):
-        dim = model.vit.embed_dim
-        macs += sum(
-            _mlp_macs(r.token_mlp, dim) + _mlp_macs(r.channel_mlp, r.token_mlp.fc2.out_features)
-            for r in model.rtsms.values()
-        )
-    if isinstance(model, EvoViT) and model.cls_head is not None:
-        macs += model.cls_head.in_features * model.cls_head.out_features
-    return macs
-
-
-def train_cost(model: TokenReducer, teacher: nn.Module | None) -> dict[str, float]:
-    """GMACs per image of one training step: ``train_forward`` (:func:`train_forward_macs`), ``teacher`` (its
-    forward; frozen, so no backward), and ``train_gmacs`` = 3 x train_forward + teacher (backward ~ 2 x forward)."""
-    forward = train_forward_macs(model) / 1e9
-    frozen = 0.0 if teacher is None else _vit_macs(teacher) / 1e9
-    return {"train_forward": forward, "teacher": frozen, "train_gmacs": 3 * forward + frozen}
 
 
 def train_steps(

@@ -178,6 +178,12 @@ class TokenReducer(nn.Module):
         blocks = dense_block_costs(self.vit)
         return ModelCost(blocks, stem_macs(self.vit), head_macs(self.vit), tokens_per_block=[b.n_q for b in blocks])
 
+    def train_forward_macs(self) -> int:
+        """MACs per image of the forward the method *trains* with (teacher excluded): the deployable cost plus what
+        training runs that deployment does not (auxiliary heads, reverse modules, dense masked training). The
+        benchmark's training GMACs are 3x this plus a frozen teacher's forward (:func:`tokred.flops.train_cost`)."""
+        return self.cost().macs
+
     def target_gmacs(self) -> float | None:
         """The requested budget in GMACs, resolving ``target_ratio`` against the unreduced backbone."""
         if self.cfg.target_gmacs is not None:

@@ -241,6 +241,11 @@ class DynamicViT(TokenReducer):
     def cost(self) -> ModelCost:
         return self._cost(self._counts(self.cfg.keep_ratio))
 
+    def train_forward_macs(self) -> int:
+        """Training masks instead of pruning: every block on all tokens, every prediction module on all N patches."""
+        n = self.vit.patch_embed.num_patches
+        return TokenReducer.cost(self).macs + len(self.locs) * n * predictor_macs(self.vit.embed_dim)
+
     def _meet_budget(self, target: float) -> float:
         """The keep ratio whose cost is the highest at or below ``target``, by exact search.
 

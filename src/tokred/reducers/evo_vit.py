@@ -248,6 +248,12 @@ class EvoViT(TokenReducer):
     def cost(self) -> ModelCost:
         return self._cost(self._num_keep(self._num_patches(), self.cfg.keep_ratio))
 
+    def train_forward_macs(self) -> int:
+        """Plus the auxiliary CLS head(s). Layer-wise training reads a few more CLS attention rows than stage-wise
+        deployment (C x T each, < 0.1 %): not added."""
+        heads = (h for h in (self.cls_head, self.dist_head) if isinstance(h, nn.Linear))
+        return super().train_forward_macs() + sum(h.in_features * h.out_features for h in heads)
+
     # ---------------------------------------------------------------- schedule
     def _switch_epoch(self, max_epochs: int) -> int:
         # round(), not floor(): a typed 0.666 x 300 is 199.8, and the paper switches at epoch 200.

@@ -26,7 +26,7 @@ from tokred.config import ConfigError
 from tokred.data import ImageDataModule, build_datamodule, uses_own_sampler
 from tokred.data.transforms import build_mixup
 from tokred.export import save_deployable
-from tokred.flops import count_params, counted_gmacs
+from tokred.flops import count_params, counted_gmacs, train_cost
 from tokred.io import atomic_write_json
 from tokred.reducers import create_reducer
 from tokred.reducers.base import Phase, TokenReducer
@@ -364,9 +364,6 @@ def finish(
         )
     stats = model_stats(model, img_size, counted=False)
     stats |= attempt("counting FLOPs", lambda: {"model/gmacs_counted": counted_gmacs(model.deployable(), img_size)}, {})
-    # The benchmark's cost of one training step (imported here: the benchmark package builds models through this one).
-    from tokred.benchmark.harness import train_cost
-
     stats |= attempt(
         "costing a training step",
         lambda: {"model/train_gmacs": train_cost(model, model.build_teacher())["train_gmacs"]},
