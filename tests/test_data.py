@@ -17,7 +17,7 @@ from torchvision import transforms as T
 
 from tokred.config import compose_config
 from tokred.data import DatasetError, build_datamodule
-from tokred.data.synthetic import ShapesDataset, render_image
+from tokred.data.synthetic import PALETTE, ShapesDataset, render_image, render_key_image
 from tokred.data.transforms import build_mixup, eval_transform, train_transform
 
 
@@ -82,6 +82,75 @@ def test_synthetic_rejects_pil_augmentations():
     dm = build_datamodule(dataset_cfg("dataset.train_size=8", "dataset.val_size=4", "+dataset.aug.re_prob=0.25"))
     with pytest.raises(DatasetError, match="re_prob"):
         dm.num_classes
+
+
+# ------------------------------------------------------------------------------------------------ built-in, hard task
+def test_synthetic_hard_is_deterministic_per_seed_and_its_splits_are_disjoint():
+    a, b = ShapesDataset(30, 64, seed=3, task="keys"), ShapesDataset(30, 64, seed=3, task="keys")
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.images, ShapesDataset(30, 64, seed=4, task="keys").images)
+    assert a.images.dtype == np.uint8 and np.bincount(a.labels).tolist() == [3] * 10
+    splits = [
+        {image.tobytes() for image in ShapesDataset(30, 64, seed=3, split=s, task="keys").images}
+        for s in ("train", "val", "test")
+    ]
+    assert len(set.union(*splits)) == 3 * 30, "no image is repeated within or across the splits"
+    image, label = a[0]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1
+    assert isinstance(label, int)
+
+
+def _colour_histogram(image: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Fraction of the saturated pixels under ``where`` nearest each palette colour (the background is desaturated)."""
+    pixels = image[where].astype(float) / 255
+    pixels = pixels[pixels.max(1) - pixels.min(1) > 0.6]
+    nearest = np.argmin(((pixels[:, None] / pixels.max(1)[:, None, None] - PALETTE) ** 2).sum(-1), 1)
+    return np.bincount(nearest, minlength=len(PALETTE)) / max(len(nearest), 1)
+
+
+def _nearest_centroid_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
+    """Fit class means on the first half, score the second half."""
+    half = len(labels) // 2
+    centroids = np.stack([features[:half][labels[:half] == c].mean(0) for c in range(10)])
+    predicted = np.argmin(((features[half:, None] - centroids) ** 2).sum(-1), 1)
+    return float((predicted == labels[half:]).mean())
+
+
+def test_synthetic_hard_class_is_read_off_the_keys_and_nothing_else():
+    rng = np.random.default_rng(0)
+    labels = np.arange(200) % 10
+    whole, keys_only = [], []
+    for label in labels:
+        image, keys = render_key_image(rng, int(label), 128)
+        white = (image > 230).all(-1)
+        assert (white & keys).any() and not (white & ~keys).any(), "a white core marks the keys and nothing else"
+        key_patches = keys.reshape(16, 8, 16, 8).any(axis=(1, 3)).sum()  # 16x16 grid of 8-px patches
+        assert 1 <= key_patches <= 2, "each of the one or two keys lies within one patch"
+        whole.append(_colour_histogram(image, np.ones_like(keys)))
+        keys_only.append(_colour_histogram(image, keys))
+    assert (np.argmax(keys_only, 1) == labels).all(), "the keys' colour is the class"
+    assert _nearest_centroid_accuracy(np.stack(keys_only), labels) == 1.0
+    # The image's colour statistics are drawn alike for every class: the label's colour takes the share of the coloured
+    # pixels any other colour takes, and a classifier on them stays at chance (10%).
+    whole = np.stack(whole)
+    label_share = whole[np.arange(len(labels)), labels]
+    assert abs(label_share.mean() - (1 - label_share).mean() / 9) < 0.01
+    assert _nearest_centroid_accuracy(whole, labels) < 0.2
+
+
+def test_synthetic_hard_config_builds_the_keys_task_at_128_px():
+    cfg = compose_config(
+        ["dataset=synthetic_hard", "backbone=deit_tiny_cpu_128", "dataset.train_size=4", "dataset.val_size=2"]
+    )
+    dm = build_datamodule(cfg.dataset)
+    images, _ = next(iter(dm.val_dataloader()))
+    assert images.shape == (2, 3, 128, 128) and dm.num_classes == 10
+    assert np.array_equal(dm.val_set.images, ShapesDataset(2, 128, seed=0, split="val", task="keys").images)
+
+
+def test_synthetic_unknown_task_names_the_choices():
+    with pytest.raises(ValueError, match="dataset.task='maze'.*shapes, keys"):
+        ShapesDataset(2, 64, task="maze")
 
 
 # ------------------------------------------------------------------------------------------------ CIFAR

@@ -31,7 +31,7 @@ def _synthetic(cfg: Mapping[str, Any]) -> Splits:
     unsupported = [k for k in PIL_AUG_KEYS if aug.get(k)]
     if unsupported:
         raise DatasetError(
-            f"dataset=synthetic does not use dataset.aug.{unsupported[0]} (only hflip, mixup, cutmix "
+            f"dataset={cfg['name']} does not use dataset.aug.{unsupported[0]} (only hflip, mixup, cutmix "
             "and repeated_aug); remove it or use an image dataset"
         )
     norm = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
@@ -39,7 +39,8 @@ def _synthetic(cfg: Mapping[str, Any]) -> Splits:
     train_tf = v2.Compose([v2.RandomHorizontalFlip(hflip), norm]) if hflip > 0 else norm
 
     def make(split: str, size: int, transform: Callable) -> ShapesDataset:
-        return ShapesDataset(size, cfg["img_size"], cfg["num_classes"], cfg["seed"], split, transform)
+        task = cfg.get("task", "shapes")
+        return ShapesDataset(size, cfg["img_size"], cfg["num_classes"], cfg["seed"], split, transform, task)
 
     test_size = int(cfg.get("test_size") or 0)  # each split is drawn from its own random stream: disjoint
     return Splits(
