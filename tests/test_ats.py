@@ -516,3 +516,19 @@ def test_training_free_budget_run_evaluates_and_exports_the_backbone_with_the_se
     assert all(torch.equal(exported.state_dict()[k], v) for k, v in payload["state_dict"].items())
     # The rebuild takes K from the structure, whatever its own search on fresh weights gave.
     assert exported.cfg.num_tokens == summary["reducer_knobs"]["num_tokens"] == payload["structure"]["num_tokens"]
+
+
+def test_a_budget_beyond_block_3s_reach_moves_the_first_ats_block(make_vit):
+    # On a peaked (trained-like) model ATS keeps few distinct tokens even at the largest K, so from block 3 it cannot
+    # cost more than a fraction of the backbone: a larger budget starts sampling later, and says where.
+    vit = peaked(make_vit(depth=12))
+    full = TokenReducer.cost(ats(vit)).gmacs
+    reach = ats(vit, num_tokens=vit.patch_embed.num_patches + 1)
+    high = reach.cost(reach.reference_images()).gmacs
+    target = (high + full) / 2
+    assert high < 0.99 * target, "the peaked model must leave block 3's window below the target"
+    model = ats(vit, target_gmacs=target)
+    assert model.cfg.blocks and min(model.cfg.blocks) > 3 and model.cfg.blocks == list(range(min(model.cfg.blocks), 12))
+    assert 0.97 * target <= model.cost(model.reference_images()).gmacs <= target
+    with pytest.raises(ValueError, match="out of reach by num_tokens alone"):  # explicit blocks are kept as given
+        ats(vit, target_gmacs=target, blocks=list(range(3, 12)))

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
@@ -49,7 +50,9 @@ def _knob(model: nn.Module) -> str:
     if name == "r_list":
         return f"r={sum(model.schedule)} merged"  # ToMe's per-block schedule, as the total merged
     value = getattr(model.cfg, name, None) if name else None
-    return "–" if value is None else f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
+    text = "–" if value is None else f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
+    blocks = getattr(model.cfg, "blocks", None)  # ATS: where sampling starts, when its budget solver moved it
+    return text + (f" from block {min(blocks)}" if blocks else "")
 
 
 def curve_reducers(cfg: DictConfig) -> list[str]:
@@ -156,7 +159,8 @@ def write_curve(rows: list[dict[str, Any]], info: dict[str, Any], out: Path, nam
         "Every training-free reducer applied to the trained baseline's own weights, no training, at each share of its "
         "GMACs (`target_ratio`; the reducer solves its own knob). Top-1 from tokred-eval's evaluation; throughput: "
         f"batch {info['batch_size']}, {info['precision']}, median of {info['repeats']} interleaved rounds on "
-        f"{info['device_name']} ({info['threads']} threads), torch {info['torch']}. Regenerate: `{command}`.",
+        f"{info['device_name']} ({info['threads'] or torch.get_num_threads()} threads), torch {info['torch']}. "
+        f"Regenerate: `{command}`.",
         "",
         md_table(rows, MD_COLUMNS),
         "",

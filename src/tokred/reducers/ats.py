@@ -237,7 +237,9 @@ class ATS(TokenReducer):
             )
         self._ats = frozenset(blocks)
         target = self.target_gmacs()
-        if target is not None:
+        if target is not None and cfg.blocks is None:
+            self._meet_budget_from_any_start(target, depth)
+        elif target is not None:
             self._meet_budget(target)
 
     # ---------------------------------------------------------------- forward
@@ -400,6 +402,23 @@ class ATS(TokenReducer):
 
     def knobs(self) -> dict:
         return {**super().knobs(), "gmacs_over": f"mean per image over {self.cfg.cost_images} seeded N(0,1) images"}
+
+    def _meet_budget_from_any_start(self, target: float, depth: int) -> None:
+        """With ``blocks`` left to the default, the first ATS block moves later when no K reaches ``target`` from
+        block 3: on a trained model ATS keeps few distinct tokens even at the largest K (duplicate samples collapse),
+        so each start block covers only a narrow GMACs window, and a larger budget needs fewer ATS blocks."""
+        first: ValueError | None = None
+        for start in range(FIRST_BLOCK, depth):
+            self._ats = frozenset(range(start, depth))
+            try:
+                self._meet_budget(target)
+                if start > FIRST_BLOCK:  # recorded, so the run's config and export say which blocks sample
+                    self.cfg.blocks = sorted(self._ats)
+                return
+            except ValueError as err:
+                first = first or err  # names the widest range: the one from block 3
+        self._ats = frozenset(range(FIRST_BLOCK, depth))
+        raise first
 
     def _meet_budget(self, target: float) -> None:
         """Set num_tokens to a K whose mean cost is <= ``target`` GMACs and as close to it as a bisection over the
