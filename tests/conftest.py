@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,19 @@ from tokred.config import compose_config
 
 # `make test` runs two xdist workers on the two cores: one torch thread each, or they fight over the cores.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Heaviest files first. ``make test`` hands whole files to its two workers in collection order, so a long file
+    collected last (the console-script smoke tests, several minutes) would run alone while the other worker idles;
+    weighing each subprocess-driven ``slow`` test as 20 quick ones and running the heaviest files first balances
+    them."""
+    weight: dict[Path, int] = {}
+    for item in items:
+        weight[item.path] = weight.get(item.path, 0) + (20 if item.get_closest_marker("slow") else 1)
+    # sort is stable: tests keep their order inside a file, and the order is the same in every worker
+    items.sort(key=lambda item: -weight[item.path])
+
 
 # Overrides that make any tokred-train config finish in seconds: few, small images, 2 epochs of 2 steps.
 FAST = [

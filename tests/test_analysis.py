@@ -8,9 +8,9 @@ import math
 import pytest
 import timm
 import torch
-from tests.conftest import peaked
 
 import tokred
+from conftest import peaked
 from tokred.analysis import (
     assignment_nmi,
     attention_agreement,
