@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from tokred.backbones import create_backbone
 from tokred.config import ConfigError, check_group_overrides, compose_config, validate
 from tokred.flops import count_params, counted_gmacs, cpu_attention_formulas
+from tokred.io import PER_IMAGE, read_per_image
 from tokred.reducers import available_reducers, create_reducer, reducer_config
 from tokred.training.run import build_model, train
 
@@ -130,6 +132,12 @@ def test_a_short_run_learns_and_writes_its_artifacts(run_cfg):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert summary["model/gmacs"] == pytest.approx(0.0973, rel=0.01)
     assert json.load(open(f"{run_dir}/summary.json"))["reducer"] == "none"
+    # one right/wrong per image evaluated (trainer.limit_val_batches=1: 16 of the 32 validation images), and their
+    # means are the summary's top-1
+    per_image = read_per_image(Path(run_dir) / PER_IMAGE)
+    assert {split: len(v) for split, v in per_image.items()} == {"val": 16, "test": 32}
+    for split, right in per_image.items():
+        assert sum(right) / len(right) == pytest.approx(summary[f"{split}/acc1"])
     from tokred.export import load_deployable
 
     assert load_deployable(f"{run_dir}/export")(torch.randn(2, 3, 64, 64)).shape == (2, 10)

@@ -28,6 +28,7 @@ from tokred.config import compose_config
 from tokred.data.datamodule import IMAGENET_MEAN, IMAGENET_STD
 from tokred.data.synthetic import ShapesDataset
 from tokred.export import load_deployable
+from tokred.io import PER_IMAGE, read_per_image
 from tokred.reducers.base import Phase, TokenReducer
 from tokred.training import phases as phases_mod
 from tokred.training.loggers import wandb_mode
@@ -404,8 +405,9 @@ def test_a_killed_run_resumes_with_ckpt_path_last_into_the_same_wandb_run(tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------ DDP
-def _evaluate_export(run_dir: Path) -> tuple[float, float]:
-    """Accuracy and mean loss of the exported model on the whole FAST validation split, in one process."""
+def _evaluate_export(run_dir: Path) -> tuple[list[bool], float]:
+    """Per-image top-1 right/wrong and mean loss of the exported model on the whole FAST validation split, in one
+    process."""
     model = load_deployable(run_dir / "export")
     val = ShapesDataset(32, 64, 10, 0, "val")
     images = (
@@ -414,7 +416,7 @@ def _evaluate_export(run_dir: Path) -> tuple[float, float]:
     labels = torch.from_numpy(val.labels).long()
     with torch.no_grad():
         logits = model(images)
-    return (logits.argmax(1) == labels).float().mean().item(), F.cross_entropy(logits, labels).item()
+    return (logits.argmax(1) == labels).tolist(), F.cross_entropy(logits, labels).item()
 
 
 @pytest.mark.slow
@@ -438,9 +440,11 @@ def test_ddp_on_two_cpu_processes_syncs_metrics_and_writes_one_run(tmp_path, pro
     # 64 images / 16 per batch = 4 batches, 2 per rank: 2 optimizer steps for the epoch.
     assert summary["global_step"] == 2
     assert (run_dir / "checkpoints/train/last.ckpt").is_file() and not list(run_dir.glob("**/*.tmp"))
-    # Each rank validates 16 of the 32 images; the logged numbers must cover all 32.
-    acc, loss = _evaluate_export(run_dir)
-    assert summary["val/acc1"] == pytest.approx(acc)
+    # Each rank validates 16 of the 32 images; the logged numbers must cover all 32, and the per-image results come
+    # back in the split's order from both ranks.
+    right, loss = _evaluate_export(run_dir)
+    assert summary["val/acc1"] == pytest.approx(sum(right) / len(right))
+    assert read_per_image(run_dir / PER_IMAGE)["val"] == right
     rows = (run_dir / "csv/metrics.csv").read_text().splitlines()
     header, last = rows[0].split(","), rows[-1].split(",")
     assert float(last[header.index("val/loss")]) == pytest.approx(loss, rel=1e-4)

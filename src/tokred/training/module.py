@@ -85,6 +85,9 @@ class TokredModule(L.LightningModule):
         # A plain tensor, not a buffer: DDP would broadcast rank 0's buffer over the other ranks' every step.
         self._first_nonfinite_step: torch.Tensor | None = None
         self._unchecked_batches = 0
+        # Set to {} to record, per evaluated split, whether each image's top-1 was right (tokred.training.run.evaluate
+        # does, for the paired tests and bootstrap intervals of tokred-report); None during training.
+        self.per_image: dict[str, list[torch.Tensor]] | None = None
 
     def _new_ema(self) -> ModelEmaV3:
         ema = ModelEmaV3(self.model, decay=float(self.optim_cfg["ema_decay"]))
@@ -170,6 +173,23 @@ class TokredModule(L.LightningModule):
         self.log(f"{split}/loss", F.cross_entropy(logits, labels), sync_dist=True)
         self.log(f"{split}/acc1", self.val_acc1, prog_bar=True)
         self.log(f"{split}/acc5", self.val_acc5)
+        if self.per_image is not None:
+            self.per_image.setdefault(split, []).append(logits.argmax(-1) == labels)
+
+    def _gather_per_image(self, split: str) -> None:
+        """One bool per image of ``split`` in dataset order, from every rank."""
+        if self.per_image is None or split not in self.per_image:
+            return
+        gathered = self.all_gather(torch.cat(self.per_image[split]))
+        if gathered.dim() == 2:  # [world, n]: the DistributedSampler deals image i to rank i % world
+            gathered = gathered.t().reshape(-1)
+        self.per_image[split] = [gathered.cpu()]
+
+    def on_validation_epoch_end(self) -> None:
+        self._gather_per_image("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._gather_per_image("test")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """``trainer.test``: the held-out test split, scored as validation is, under ``test/``."""

@@ -27,7 +27,7 @@ from tokred.data import ImageDataModule, build_datamodule, uses_own_sampler
 from tokred.data.transforms import build_mixup
 from tokred.export import save_deployable
 from tokred.flops import count_params, counted_gmacs, train_cost
-from tokred.io import atomic_write_json
+from tokred.io import PER_IMAGE, atomic_write_json, write_per_image
 from tokred.reducers import create_reducer
 from tokred.reducers.base import Phase, TokenReducer
 from tokred.training.callbacks import TrainThroughput, build_callbacks
@@ -111,18 +111,29 @@ def build_trainer(
 
 
 def evaluate(
-    model: TokenReducer, datamodule: ImageDataModule, cfg: DictConfig, run_dir: Path, logger: Logger | None = None
+    model: TokenReducer,
+    datamodule: ImageDataModule,
+    cfg: DictConfig,
+    run_dir: Path,
+    logger: Logger | None = None,
+    per_image: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """val/acc1, val/acc5, val/loss of ``model`` over the whole validation split and, where the dataset has a test
     split, test/acc1, test/acc5, test/loss over it (all ranks, metrics synced); logged as one row at the logger's
-    current step."""
+    current step. ``per_image``, if given, receives per split one bool per image (in dataset order): top-1 right."""
     trainer = build_trainer(cfg, run_dir, None, build_callbacks(cfg.get("callbacks")))
     module = TokredModule(model, None, datamodule.num_classes)
+    module.per_image = {}
     trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    splits = {"val": datamodule.val_set}
     if datamodule.test_set is not None:
         trainer.test(module, datamodule=datamodule, verbose=False)
         metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        splits["test"] = datamodule.test_set
+    if per_image is not None:
+        # [: len]: a DistributedSampler pads the split to a multiple of the world size with repeated images
+        per_image |= {split: module.per_image[split][0][: len(data)] for split, data in splits.items()}
     if logger is not None:
         logger.log_metrics(metrics, step=0)
         logger.save()
@@ -355,7 +366,10 @@ def finish(
     img_size = int(cfg.backbone.img_size)
     # The deployable model on the validation split and, once, on the held-out test split (the best checkpoint was
     # chosen on validation, so only the test numbers are untouched by model selection).
-    final = attempt("the final evaluation", lambda: evaluate(model.deployable(), datamodule, cfg, run_dir, logger), {})
+    per_image: dict[str, torch.Tensor] = {}
+    final = attempt(
+        "the final evaluation", lambda: evaluate(model.deployable(), datamodule, cfg, run_dir, logger, per_image), {}
+    )
     if datamodule.test_set is None:
         log.info(
             "dataset %s has no test split: summary.json's test/acc1 and test/acc5 are null; val/acc1 is the "
@@ -375,6 +389,7 @@ def finish(
         "reducer": cfg.reducer.name,
         "reducer_knobs": model.knobs(),
         "dataset": cfg.dataset.name,
+        "seed": int(cfg.seed),
         **stats,
         "val/acc1": final.get("val/acc1"),
         "val/acc5": final.get("val/acc5"),
@@ -402,6 +417,11 @@ def finish(
     if rank_zero_only.rank == 0:
         config = OmegaConf.to_container(cfg, resolve=True)
         attempt("the export", lambda: save_deployable(model, run_dir / "export", config))
+        if per_image:
+            attempt(
+                "writing per-image results",
+                lambda: write_per_image(run_dir / PER_IMAGE, {k: v.tolist() for k, v in per_image.items()}),
+            )
         if failed:
             summary["failed_steps"] = list(failed)
         atomic_write_json(run_dir / "summary.json", summary)
