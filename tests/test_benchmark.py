@@ -376,3 +376,25 @@ def test_compare_chains_sweeps_onto_the_baseline(tmp_path):
     ats = [step for name, step in steps.items() if name.startswith("ats")]  # budget_overrides: a multirun per budget
     assert [s.run_dirs for s in ats] == [[tmp_path / "ats" / f"r{b}"] for b in BUDGETS]
     assert "reducer.blocks=[5,6,7,8,9,10,11]" in ats[0].args and "reducer.target_ratio=0.5" in ats[0].args
+
+
+def test_compare_with_seeds_replicates_baseline_and_sweeps_per_seed(tmp_path):
+    cfg = compose_config([f"runs_dir={tmp_path}", "seeds=[0,1]", "reducers=[sit]"], config_name="compare")
+    OmegaConf.set_struct(cfg, False)
+    steps = {s.name: s for s in compare.plan(cfg)}
+    assert list(steps) == ["baseline seed=0", "sit seed=0", "baseline seed=1", "sit seed=1"]
+    for seed in (0, 1):
+        root = tmp_path / f"seed{seed}"
+        baseline, sit = steps[f"baseline seed={seed}"], steps[f"sit seed={seed}"]
+        assert f"seed={seed}" in baseline.args and f"seed={seed}" in sit.args
+        assert baseline.run_dirs == [root / "none" / "baseline"]
+        assert sit.run_dirs == [root / "sit" / f"r{b}" for b in BUDGETS]
+        # each seed's reducer starts from that seed's baseline
+        assert f"reducer.teacher='{root / 'none' / 'baseline' / 'export' / 'model.safetensors'}'" in sit.args
+
+
+@pytest.mark.parametrize("seeds", ["[]", "[1,1]"])
+def test_compare_refuses_an_empty_or_repeated_seed_list(seeds, tmp_path):
+    cfg = compose_config([f"runs_dir={tmp_path}", f"seeds={seeds}"], config_name="compare")
+    with pytest.raises(ValueError, match="distinct integers"):
+        compare.plan(cfg)

@@ -32,11 +32,12 @@ def patch(model: VisionTransformer, reducer: str, **knobs: Any) -> TokenReducer:
     return create_reducer({"name": reducer, **knobs}, model)
 
 
-def save(model: TokenReducer, directory: str | Path) -> Path:
+def save(model: TokenReducer, directory: str | Path, backbone_kwargs: dict[str, Any] | None = None) -> Path:
     """Write ``model``'s deployable form to ``directory`` (what :func:`load` and ``tokred-eval`` read).
 
-    The backbone is recorded by its timm architecture name and image size; architecture keyword arguments beyond
-    timm's registered defaults are not, so such models are best exported by ``tokred-train``.
+    The backbone is recorded by its timm architecture name and image size. A model built with architecture keyword
+    arguments beyond timm's registered defaults (``timm.create_model(name, embed_dim=192)``) needs them passed as
+    ``backbone_kwargs`` for :func:`load` to rebuild it; without them loading fails with a shape-mismatch error.
     """
     vit = model.vit
     backbone = {
@@ -44,7 +45,7 @@ def save(model: TokenReducer, directory: str | Path) -> Path:
         "model": vit.pretrained_cfg["architecture"],
         "img_size": int(vit.patch_embed.img_size[0]),
         "patch_size": int(vit.patch_embed.patch_size[0]),
-        "kwargs": {},
+        "kwargs": dict(backbone_kwargs or {}),
     }
     config = {"backbone": backbone, "reducer": asdict(model.cfg)}
     return save_deployable(model, Path(directory), config)

@@ -1,12 +1,13 @@
-"""``tokred-compare [overrides]`` (``make compare``): baseline, reducer sweeps from it, then the report.
+"""``tokred-compare [overrides]`` (``make compare``): per seed a baseline and the reducer sweeps from it, then the
+report.
 
 The grid is ``conf/compare.yaml``. Each step is a real ``tokred-train`` process, the sweeps Hydra multiruns over
 ``reducer.target_ratio``, so what the comparison ran is exactly what a user can re-run by hand (``dry_run=true``
 prints the commands). Run directories are deterministic (``<runs_dir>/none/baseline``,
-``<runs_dir>/<reducer>/r<budget>``): a re-launch skips runs that wrote their ``summary.json`` and lets
-``tokred-train`` resume the interrupted ones from their checkpoints. ``mode=training_free`` trains (or reuses) the
-baseline only and draws every training-free reducer's accuracy curve over its budget from it
-(:mod:`tokred.benchmark.training_free`).
+``<runs_dir>/<reducer>/r<budget>``, each under ``<runs_dir>/seed<seed>/`` when ``seeds`` lists several): a re-launch
+skips runs that wrote their ``summary.json`` and lets ``tokred-train`` resume the interrupted ones from their
+checkpoints. ``mode=training_free`` trains (or reuses) the first seed's baseline only and draws every training-free
+reducer's accuracy curve over its budget from it (:mod:`tokred.benchmark.training_free`).
 """
 
 from __future__ import annotations
@@ -47,46 +48,61 @@ def baseline_dir(runs_dir: Path) -> Path:
     return runs_dir / "none" / "baseline"
 
 
+def seed_dir(runs_dir: Path, seeds: list[int], seed: int) -> Path:
+    """Where one seed's baseline and sweeps go: ``runs_dir`` itself when the comparison has one seed (the layout of
+    single-seed comparisons), else ``runs_dir/seed<seed>``. Every seed is a whole replicate: its own baseline, and
+    sweeps that start from that baseline, so the spread over seeds covers the baseline's training too."""
+    return runs_dir if len(seeds) == 1 else runs_dir / f"seed{seed}"
+
+
+def seeds_of(cfg: DictConfig) -> list[int]:
+    seeds = [int(s) for s in cfg.seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={seeds}: give one or more distinct integers, e.g. seeds=[0,1,2]")
+    return seeds
+
+
 def plan(cfg: DictConfig) -> list[Step]:
-    """The baseline step, then one sweep step per reducer, for budgets whose run has not finished yet."""
-    runs_dir = Path(cfg.runs_dir).resolve()
-    # The checkpoint path is quoted so Hydra reads it as one string whatever characters the path holds.
-    cfg.baseline_ckpt = f"'{baseline_dir(runs_dir) / 'export' / 'model.safetensors'}'"
-    common = [*cfg.train, f"logger={'wandb' if cfg.wandb else 'csv'}"]
-    steps = [
-        Step(
-            "baseline",
-            [*common, "reducer=none", *cfg.baseline, f"hydra.run.dir={baseline_dir(runs_dir)}"],
-            [baseline_dir(runs_dir)],
-        )
-    ]
+    """Per seed, the baseline step, then one sweep step per reducer, for budgets whose run has not finished yet."""
+    seeds = seeds_of(cfg)
     reducers = list(cfg.reducers) if cfg.reducers else available_reducers()
     for name in reducers:
         reducer_class(name)  # one-line ValueError listing the registered reducers
-        if name == "none":
-            continue
-        sweep = cfg.sweeps[name] if name in cfg.sweeps else cfg.default_sweep
-        sweep_dir = runs_dir / name
-        # Budgets with their own extra overrides (budget_overrides) get a multirun each; the others share one.
-        extra = (cfg.get("budget_overrides") or {}).get(name) or {}
-        groups: dict[tuple[str, ...], list[float]] = {}
-        for budget in cfg.budgets:
-            groups.setdefault(tuple(extra.get(str(float(budget)), [])), []).append(float(budget))
-        for overrides, budgets in groups.items():
-            # Hydra names a budget's directory r<target_ratio> (str of the float, as below).
-            todo = [b for b in budgets if not (sweep_dir / f"r{b}" / "summary.json").is_file()]
-            args = [
-                "-m",
-                *common,
-                f"reducer={name}",
-                *sweep,
-                *overrides,
-                f"reducer.target_ratio={','.join(str(b) for b in todo)}",
-                f"hydra.sweep.dir={sweep_dir}",
-                "hydra.sweep.subdir=r${reducer.target_ratio}",
-            ]
-            label = name if len(groups) == 1 else f"{name} r={','.join(str(b) for b in budgets)}"
-            steps.append(Step(label, args, [sweep_dir / f"r{b}" for b in budgets]))
+    steps = []
+    for seed in seeds:
+        root = seed_dir(Path(cfg.runs_dir).resolve(), seeds, seed)
+        tag = "" if len(seeds) == 1 else f" seed={seed}"
+        # The checkpoint path is quoted so Hydra reads it as one string whatever characters the path holds; the
+        # sweeps' ${baseline_ckpt} resolve to this seed's baseline as they are read below.
+        cfg.baseline_ckpt = f"'{baseline_dir(root) / 'export' / 'model.safetensors'}'"
+        common = [*cfg.train, f"seed={seed}", f"logger={'wandb' if cfg.wandb else 'csv'}"]
+        base_args = [*common, "reducer=none", *cfg.baseline, f"hydra.run.dir={baseline_dir(root)}"]
+        steps.append(Step(f"baseline{tag}", base_args, [baseline_dir(root)]))
+        for name in reducers:
+            if name == "none":
+                continue
+            sweep = cfg.sweeps[name] if name in cfg.sweeps else cfg.default_sweep
+            sweep_dir = root / name
+            # Budgets with their own extra overrides (budget_overrides) get a multirun each; the others share one.
+            extra = (cfg.get("budget_overrides") or {}).get(name) or {}
+            groups: dict[tuple[str, ...], list[float]] = {}
+            for budget in cfg.budgets:
+                groups.setdefault(tuple(extra.get(str(float(budget)), [])), []).append(float(budget))
+            for overrides, budgets in groups.items():
+                # Hydra names a budget's directory r<target_ratio> (str of the float, as below).
+                todo = [b for b in budgets if not (sweep_dir / f"r{b}" / "summary.json").is_file()]
+                args = [
+                    "-m",
+                    *common,
+                    f"reducer={name}",
+                    *sweep,
+                    *overrides,
+                    f"reducer.target_ratio={','.join(str(b) for b in todo)}",
+                    f"hydra.sweep.dir={sweep_dir}",
+                    "hydra.sweep.subdir=r${reducer.target_ratio}",
+                ]
+                label = name if len(groups) == 1 else f"{name} r={','.join(str(b) for b in budgets)}"
+                steps.append(Step(label + tag, args, [sweep_dir / f"r{b}" for b in budgets]))
     return steps
 
 
@@ -97,7 +113,7 @@ def run(cfg: DictConfig) -> list[str]:
         raise ValueError(f"mode={cfg.mode!r}; choose train (the accuracy comparison) or training_free (curves)")
     steps = plan(cfg)
     if cfg.mode == "training_free":
-        steps = steps[:1]
+        steps = steps[:1]  # the first seed's baseline
     failed = []
     for step in steps:
         if step.done:
@@ -107,7 +123,7 @@ def run(cfg: DictConfig) -> list[str]:
         if cfg.dry_run:
             continue
         if subprocess.run(step.command()).returncode != 0:
-            if step.name == "baseline":
+            if step.name.startswith("baseline"):
                 raise RuntimeError(
                     "the baseline run failed (its error is printed above); every sweep starts from it, "
                     "so fix that first and re-run tokred-compare"
@@ -117,7 +133,8 @@ def run(cfg: DictConfig) -> list[str]:
         return failed
     if cfg.mode == "training_free":
         command = shlex.join(["tokred-compare", *sys.argv[1:]])
-        paths = run_training_free(cfg, baseline_dir(Path(cfg.runs_dir).resolve()) / "export", command)
+        root = seed_dir(Path(cfg.runs_dir).resolve(), seeds_of(cfg), seeds_of(cfg)[0])
+        paths = run_training_free(cfg, baseline_dir(root) / "export", command)
         print("wrote " + ", ".join(str(p) for p in paths))
         return failed
     paths = report_from_config(cfg.report, command=f"tokred-report runs_dir={shlex.quote(str(cfg.runs_dir))}")

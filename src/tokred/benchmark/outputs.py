@@ -105,11 +105,13 @@ def scatter_plot(
     pareto: str | None = None,
     ideal: bool = False,
     label_key: str = "point",
+    interval: tuple[str, str] | None = None,
 ) -> bool:
     """One panel per backbone, a colour per reducer, a marker per row kind; False (no file) if nothing to plot.
 
     ``pareto``: ``"lower_x"`` or ``"higher_x"`` marks the front of rows that no other row of the panel beats.
     ``ideal``: draws what y would be if it scaled as 1/x from the ``none`` row (throughput proportional to 1/GMACs).
+    ``interval``: the (low, high) keys of an interval around y, drawn as an error bar where a row has them.
     """
     rows = [r for r in rows if r.get(x) is not None and r.get(y) is not None]
     if not rows:
@@ -135,6 +137,17 @@ def scatter_plot(
                 label=None if key in seen else f"{r['reducer']} ({KIND_LABELS.get(r['kind'], r['kind'])})",
             )
             seen.add(key)
+            if interval is not None and r.get(interval[0]) is not None:
+                ax.errorbar(
+                    r[x],
+                    r[y],
+                    yerr=[[r[y] - r[interval[0]]], [r[interval[1]] - r[y]]],
+                    fmt="none",
+                    ecolor=colors[r["reducer"]],
+                    elinewidth=1,
+                    capsize=2,
+                    zorder=2,
+                )
             # Rows at equal budgets bunch up and their labels would print over each other: one label per spot
             # (colour and marker still tell the rows apart).
             spot = (r[x] / x_span, r[y] / y_span)

@@ -1,9 +1,11 @@
-"""``tokred-report``'s work: gather the ``summary.json`` of every training run under a directory into one table,
-time the runs' exported models with the benchmark harness, and plot accuracy against GMACs and throughput with the
-Pareto front marked.
+"""``tokred-report``'s work: gather the ``summary.json`` of every training run under a directory, fold the runs that
+differ only in their seed into one configuration (mean top-1, 95 % interval, paired tests:
+:mod:`tokred.benchmark.aggregate`), time one exported model per configuration with the benchmark harness, and plot
+accuracy (with its interval) against GMACs and throughput with the Pareto front marked.
 
-Top-1 here is what ``tokred-train`` measured on the run's validation set (not a paper figure); the runs' own
-``export/`` directories are what gets timed, the ``none`` run of the same backbone being the speed-up baseline.
+Top-1 here is what ``tokred-train`` measured on the run's test split, else its validation split (not a paper figure);
+the runs' own ``export/`` directories are what gets timed, the ``none`` run of the same backbone being the speed-up
+baseline.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from torch import nn
 from tqdm import tqdm
 
+from tokred.benchmark.aggregate import SPEED, describe, group_runs, mark_significance, public
 from tokred.benchmark.outputs import (
     Column,
     fmt,
@@ -39,10 +42,33 @@ from tokred.benchmark.timing import (
 )
 from tokred.benchmark.wandb_log import log_rows
 from tokred.export import load_deployable
+from tokred.io import PER_IMAGE, read_per_image
 from tokred.reducers import reducer_class
 
 REQUIRED = ("backbone", "reducer", "model/gmacs", "val/acc1")
 
+# <name>_runs.csv: one row per training run
+RUN_COLUMNS = [
+    "backbone",
+    "dataset",
+    "reducer",
+    "point",
+    "seed",
+    "kind",
+    "target_ratio",
+    "params_m",
+    "gmacs",
+    "gmacs_counted",
+    "top1",
+    "top5",
+    "split",
+    *SPEED,
+    "knobs",
+    "degenerate",
+    "run_dir",
+    "measured",
+]
+# <name>.csv: one row per configuration (its runs over seeds folded into one), the markdown table's rows
 COLUMNS = [
     "backbone",
     "dataset",
@@ -50,13 +76,22 @@ COLUMNS = [
     "point",
     "kind",
     "target_ratio",
+    "n_runs",
+    "seeds",
     "params_m",
     "gmacs",
     "gmacs_counted",
     "gmacs_ratio",
     "top1",
+    "top1_lo",
+    "top1_hi",
+    "interval",
+    "top1_sd",
     "top5",
     "split",
+    "p_vs_baseline",
+    "vs_best",
+    "p_vs_best",
     "pareto_gmacs",
     "throughput",
     "throughput_iqr_pct",
@@ -67,6 +102,7 @@ COLUMNS = [
     "knobs",
     "degenerate",
     "run_dir",
+    "run_dirs",
     "measured",
     "machine",
     "device_name",
@@ -121,11 +157,17 @@ def _load(path: Path, runs_dir: Path) -> dict[str, Any]:
     # The held-out test split where the run has one (the best checkpoint was chosen on validation), else validation.
     split = "test" if data.get("test/acc1") is not None else "val"
     acc5 = data.get(f"{split}/acc5")
+    per_image = path.parent / PER_IMAGE
+    try:
+        correct = read_per_image(per_image).get(split) if per_image.is_file() else None
+    except ValueError as err:
+        raise ReportError(str(err)) from None
     return {
         "backbone": data["backbone"],
         "dataset": data.get("dataset"),
         "reducer": data["reducer"],
         "point": _label(data["reducer"], knobs),
+        "seed": data.get("seed"),
         "kind": "baseline" if data["reducer"] == "none" else "trained",
         "target_ratio": knobs.get("target_ratio"),
         "params_m": data.get("model/params_m"),
@@ -137,6 +179,7 @@ def _load(path: Path, runs_dir: Path) -> dict[str, Any]:
         "knobs": json.dumps(knobs, default=str),
         "degenerate": "; ".join(data.get("degenerate") or []),
         "run_dir": str(path.parent),  # where it is now; the summary's own run_dir may be another machine's path
+        "_correct": correct,  # per image of the split: top-1 right (paired tests, bootstrap intervals)
     }
 
 
@@ -148,8 +191,8 @@ def on_front(rows: Sequence[dict[str, Any]], x: str, higher_x_better: bool, incl
     return {candidates[i] for i in front}
 
 
-def load_runs(runs_dir: Path, include_degenerate: bool = False) -> list[dict[str, Any]]:
-    """One row per ``summary.json`` under ``runs_dir`` (recursively), sorted by backbone, reducer and GMACs."""
+def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
+    """One row per ``summary.json`` under ``runs_dir`` (recursively), sorted by backbone, reducer, GMACs and seed."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise ReportError(
@@ -165,29 +208,39 @@ def load_runs(runs_dir: Path, include_degenerate: bool = False) -> list[dict[str
             f"no summary.json under {runs_dir}; every finished tokred-train run writes "
             "<run_dir>/summary.json: run `make compare` or tokred-train first, or pass their directory"
         )
-    rows = [_load(p, runs_dir) for p in paths]
-    rows.sort(key=lambda r: (r["backbone"], r["reducer"] != "none", r["reducer"], -r["gmacs"]))
-    mark_fronts(rows, include_degenerate)
-    return rows
+    runs = [_load(p, runs_dir) for p in paths]
+    runs.sort(key=lambda r: (r["backbone"], r["reducer"] != "none", r["reducer"], -r["gmacs"], r["seed"] or 0))
+    return runs
+
+
+def configurations(
+    runs: Sequence[dict[str, Any]], include_degenerate: bool = False
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The runs folded into configurations (:func:`~tokred.benchmark.aggregate.group_runs`) with GMACs ratios,
+    Pareto fronts and paired tests marked, and the budgets' separation records."""
+    groups = group_runs(runs)
+    mark_fronts(groups, include_degenerate)
+    return groups, mark_significance(groups)
 
 
 def measure_runs(
-    rows: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
     settings: SpeedSettings,
     progress: Callable[[int], Any] | None = None,
-    include_degenerate: bool = False,
 ) -> dict[str, Any]:
-    """Time every run's exported model, interleaved per backbone; fills the speed columns and returns the machine."""
+    """Time the exported model of one run per configuration (its first seed: the seeds share the architecture),
+    interleaved per backbone; fills that run's speed columns and returns the machine."""
     device = setup(settings)
     machine = machine_info(device)
-    bar = progress(len(rows) * steps_per_model(settings)) if progress else None
+    timed = [group["_runs"][0] for group in group_runs(runs)]
+    bar = progress(len(timed) * steps_per_model(settings)) if progress else None
 
     def tick(name: str) -> None:
         if bar is not None:
             bar.update(1)
 
-    for backbone in dict.fromkeys(r["backbone"] for r in rows):
-        sub = [r for r in rows if r["backbone"] == backbone]
+    for backbone in dict.fromkeys(r["backbone"] for r in timed):
+        sub = [r for r in timed if r["backbone"] == backbone]
         models: dict[str, tuple[nn.Module, int]] = {}
         for row in sub:
             model = load_deployable(Path(row["run_dir"]) / "export")  # CheckpointError names the fix
@@ -207,20 +260,38 @@ def measure_runs(
                 precision=settings.precision,
                 compile=settings.compile,
             )
-    mark_fronts(rows, include_degenerate)
     if bar is not None:
         bar.close()
     return machine
+
+
+def _interval(r: dict[str, Any]) -> str:
+    if r.get("top1_lo") is None:
+        return "–"
+    return f"[{r['top1_lo']:.2f}, {r['top1_hi']:.2f}] {'t' if r['interval'].startswith('t') else 'boot'}"
+
+
+def _vs_best(r: dict[str, Any]) -> str:
+    if r.get("vs_best") is None:
+        return "–"
+    if r["vs_best"] == "best":
+        return "best"
+    return f"{'≈ best' if r['vs_best'] == 'within noise' else 'below'} (p={r['p_vs_best']:.2g})"
 
 
 MD_COLUMNS: list[Column] = [
     ("reducer", lambda r: r["reducer"]),
     # .get: rows kept from a report written before a column existed lack it
     ("point", lambda r: r["point"] + (f" ⚠ degenerate: {r['degenerate']}" if r.get("degenerate") else "")),
+    ("runs", lambda r: str(r.get("n_runs", 1))),
     ("params (M)", lambda r: fmt(r["params_m"], ".2f")),
     ("GMACs", lambda r: fmt(r["gmacs"], ".4f")),
     ("GMACs ratio", lambda r: "–" if r["gmacs_ratio"] is None else f"{r['gmacs_ratio']:.2f}×"),
     ("top-1 (%)", lambda r: f"{r['top1']:.2f}" + (" ◆" if r["pareto_gmacs"] else "")),
+    ("95 % interval", _interval),
+    ("seed SD", lambda r: fmt(r.get("top1_sd"), ".2f")),
+    ("vs baseline", lambda r: "–" if r.get("p_vs_baseline") is None else f"p={r['p_vs_baseline']:.2g}"),
+    ("vs best at budget", _vs_best),
     ("top-5 (%)", lambda r: fmt(r["top5"], ".2f")),
     ("split", lambda r: r.get("split", "val")),
     (
@@ -234,7 +305,7 @@ MD_COLUMNS: list[Column] = [
     ("speed-up", lambda r: "–" if r.get("speedup") is None else f"{r['speedup']:.2f}×"),
     ("latency bs1 (ms)", lambda r: fmt(r.get("latency_ms"), ".1f")),
     ("measured", lambda r: r.get("measured") or "–"),
-    ("run", lambda r: f"`{r['run_dir']}`"),
+    ("run", lambda r: f"`{r['run_dir']}`" + (f" (+{r['n_runs'] - 1} seeds)" if r.get("n_runs", 1) > 1 else "")),
 ]
 
 
@@ -244,11 +315,13 @@ class ReportPaths:
     json: Path
     md: Path
     plots: list[Path]
+    runs_csv: Path
+    rows: list[dict[str, Any]]  # the configurations, as in the table
 
     def show(self) -> None:
         """Print the markdown table and where every file went."""
         print(self.md.read_text())
-        print("wrote " + ", ".join(str(p) for p in [self.csv, self.json, self.md, *self.plots]))
+        print("wrote " + ", ".join(str(p) for p in [self.csv, self.runs_csv, self.json, self.md, *self.plots]))
 
 
 def mark_fronts(rows: list[dict[str, Any]], include_degenerate: bool = False) -> None:
@@ -266,7 +339,7 @@ def mark_fronts(rows: list[dict[str, Any]], include_degenerate: bool = False) ->
 
 
 def write_report(
-    rows: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
     runs_dir: Path,
     out: Path,
     name: str,
@@ -275,15 +348,16 @@ def write_report(
     command: str,
     include_degenerate: bool = False,
 ) -> ReportPaths:
-    """``<name>.{csv,json,md}`` and ``<name>_top1_vs_{gmacs,throughput}.png`` under ``out``; runs already in an
-    earlier ``<name>.json`` there that this report does not cover are kept (by run directory)."""
-    rows = merge_rows(out / f"{name}.json", rows, key=lambda r: (r.get("run_dir"),))
-    mark_fronts(rows, include_degenerate)
+    """``<name>.{csv,json,md}`` (one row per configuration), ``<name>_runs.csv`` (per run) and
+    ``<name>_top1_vs_{gmacs,throughput}.png`` under ``out``; runs already in an earlier ``<name>.json`` there that
+    this report does not cover are kept (by run directory)."""
+    runs = merge_rows(out / f"{name}.json", runs, key=lambda r: (r.get("run_dir"),))
+    rows, records = configurations(runs, include_degenerate)
     timed = machine is not None and settings is not None
     speed_line = (
-        f"Throughput: exported models, batch {settings.batch_size}, {settings.precision}, median of "
-        f"{settings.repeats} interleaved rounds on {machine['device_name']} ({machine['threads']} threads), "
-        f"torch {machine['torch']}; speed-up vs the `none` run of the same backbone."
+        f"Throughput: exported models (one per configuration), batch {settings.batch_size}, {settings.precision}, "
+        f"median of {settings.repeats} interleaved rounds on {machine['device_name']} ({machine['threads']} "
+        f"threads), torch {machine['torch']}; speed-up vs the `none` run of the same backbone."
         if timed
         else "Throughput not measured (speed=false)."
     )
@@ -291,17 +365,26 @@ def write_report(
     lines = [
         f"# tokred comparison: {', '.join(datasets)}",
         "",
-        f"{len(rows)} runs under `{runs_dir}`. Top-1/top-5: measured by tokred-train on "
-        f"{', '.join(datasets)} (not paper figures), on the held-out test split where the run has one, else on the "
-        "validation split that also chose its checkpoint (column split). GMACs: analytic, per image. ◆: on the "
-        "Pareto front (top-1 vs GMACs, resp. vs throughput) of its backbone; ⚠ degenerate runs (no patch token left "
-        "in some block, or chance-level top-1) are left off the front unless include_degenerate=true. "
-        f"{speed_line} Regenerate: `{command}`.",
+        f"{len(runs)} runs under `{runs_dir}`, {len(rows)} configurations (runs that differ only in their seed form "
+        f"one). Top-1/top-5: measured by tokred-train on {', '.join(datasets)} (not paper figures), on the held-out "
+        "test split where the run has one, else on the validation split that also chose its checkpoint (column "
+        "split); the mean over seeds. 95 % interval: Student t over the seeds (t), or for a single run the bootstrap "
+        "over its images (boot). vs baseline / vs best at budget: exact McNemar test on the same images, seed "
+        "paired with seed; ≈ best: p >= 0.05, a difference within noise, not a ranking. GMACs: analytic, per "
+        "image. ◆: on the Pareto front (mean top-1 vs GMACs, resp. vs throughput) of its backbone; ⚠ degenerate "
+        "runs (no patch token left in some block, or chance-level top-1) are left off the front unless "
+        f"include_degenerate=true. {speed_line} Regenerate: `{command}`.",
     ]
+    if records:
+        lines += ["", "Separation (spread of the mean top-1 at one budget vs 3 × the largest seed SD):", ""]
+        lines += [f"- {describe(record)}" for record in records]
     for backbone in dict.fromkeys(r["backbone"] for r in rows):
         lines += ["", f"## {backbone}", "", md_table([r for r in rows if r["backbone"] == backbone], MD_COLUMNS)]
-    paths = ReportPaths(out / f"{name}.csv", out / f"{name}.json", out / f"{name}.md", [])
+    paths = ReportPaths(
+        out / f"{name}.csv", out / f"{name}.json", out / f"{name}.md", [], out / f"{name}_runs.csv", rows
+    )
     write_csv(paths.csv, rows, COLUMNS)
+    write_csv(paths.runs_csv, runs, RUN_COLUMNS)
     write_json(
         paths.json,
         {
@@ -309,12 +392,14 @@ def write_report(
             "machine": machine,
             "command": command,
             "settings": settings.as_dict() if settings else None,
-            "rows": rows,
+            "rows": [public(r) for r in runs],  # per run: what a later report merges with (by run directory)
+            "configurations": [public(r) for r in rows],
+            "separation": records,
         },
     )
     write_text(paths.md, "\n".join(lines) + "\n")
     splits = " / ".join(sorted({r.get("split", "val") for r in rows}))
-    label = f"{splits} top-1 on {', '.join(datasets)} (%)"
+    label = f"{splits} top-1 on {', '.join(datasets)} (%), mean and 95 % interval"
     for x, axis, unit, pareto in (
         ("gmacs", "GMACs", " (analytic)", "lower_x"),
         ("throughput", "throughput", " (img/s)", "higher_x"),
@@ -329,15 +414,15 @@ def write_report(
             ylabel=label,
             title=f"trained runs: top-1 vs {axis}",
             pareto=pareto,
+            interval=("top1_lo", "top1_hi"),
         ):
             paths.plots.append(path)
     return paths
 
 
-def log_report(
-    rows: Sequence[dict[str, Any]], paths: ReportPaths, project: str, run_name: str, machine: dict[str, Any] | None
-) -> str:
-    """The report's rows as a wandb.Table with top-1 vs GMACs / throughput scatters and the PNGs."""
+def log_report(paths: ReportPaths, project: str, run_name: str, machine: dict[str, Any] | None) -> str:
+    """The report's configurations as a wandb.Table with top-1 vs GMACs / throughput scatters and the PNGs."""
+    rows = [public(r) for r in paths.rows]
     scatters = [("gmacs", "top1", "top-1 vs GMACs")]
     if any(r.get("throughput") is not None for r in rows):
         scatters.append(("throughput", "top1", "top-1 vs throughput"))
@@ -367,12 +452,12 @@ def make_report(
 ) -> ReportPaths:
     """The whole report: load the runs, time them (``settings=None``: don't), write the files, log to wandb if
     ``wandb_project`` is given. Files go to ``<out_dir>/<machine_name or the device's machine slug>/``."""
-    rows = load_runs(runs_dir, include_degenerate)
-    machine = measure_runs(rows, settings, progress, include_degenerate) if settings is not None else None
+    runs = load_runs(runs_dir)
+    machine = measure_runs(runs, settings, progress) if settings is not None else None
     slug = machine_name or (machine or machine_info(resolve_device("auto")))["machine"]
-    paths = write_report(rows, runs_dir, Path(out_dir) / slug, name, machine, settings, command, include_degenerate)
+    paths = write_report(runs, runs_dir, Path(out_dir) / slug, name, machine, settings, command, include_degenerate)
     if wandb_project:
-        print(f"wandb run: {log_report(rows, paths, wandb_project, f'{name}-{slug}', machine)}")
+        print(f"wandb run: {log_report(paths, wandb_project, f'{name}-{slug}', machine)}")
     return paths
 
 
