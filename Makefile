@@ -14,7 +14,7 @@ OLDEST_PYTHON ?= $(firstword $(foreach py,python3.10 $(wildcard $(HOME)/.pyenv/v
 	$(shell $(py) -c 'print("$(py)")' 2>/dev/null)) $(PYTHON))
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock train test support-matrix test-fast test-oldest lint format flops benchmark benchmark-gpu compare report sweep clean
+.PHONY: help install lock train test support-matrix test-fast test-oldest lint format flops benchmark benchmark-gpu compare compare-hard report sweep clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -77,6 +77,9 @@ benchmark-gpu: $(STAMP) ## every reducer on one GPU, bs 256 bf16, eager + compil
 
 compare: $(STAMP) ## accuracy comparison: baseline + every reducer at 2 budgets on the built-in data, then the report (~2 h on 2 cores)
 	$(BIN)/tokred-compare $(ARGS)
+
+compare-hard: $(STAMP) ## the seeded comparison on dataset=synthetic_hard: every reducer at 0.5, 3 seeds, intervals, paired tests (~3 h on 2 cores)
+	$(BIN)/tokred-compare --config-name=compare_hard $(ARGS)
 
 sweep: $(STAMP) ## Optuna Pareto search (top-1 vs GMACs) over Evo-ViT's knobs on the built-in data, 2 trials at a time; re-run to continue
 	$(BIN)/tokred-train -m experiment=pareto_evo_vit hydra/launcher=joblib hydra.launcher.n_jobs=2 hydra.sweeper.n_jobs=2 $(ARGS)

@@ -137,17 +137,22 @@ def run(cfg: DictConfig) -> list[str]:
         paths = run_training_free(cfg, baseline_dir(root) / "export", command)
         print("wrote " + ", ".join(str(p) for p in paths))
         return failed
-    paths = report_from_config(cfg.report, command=f"tokred-report runs_dir={shlex.quote(str(cfg.runs_dir))}")
+    command = shlex.join(["tokred-report", f"runs_dir={cfg.runs_dir}", f"name={cfg.report.name}"])
+    paths = report_from_config(cfg.report, command=command)
     paths.show()
     return failed
 
 
 def main() -> None:
-    if wants_help(sys.argv[1:]):
-        print_help("tokred-compare", "compare")
+    args = sys.argv[1:]
+    config_name = "compare"
+    if args and args[0].startswith("--config-name="):  # a preset built on conf/compare.yaml, e.g. compare_hard
+        config_name = args.pop(0).split("=", 1)[1]
+    if wants_help(args):
+        print_help("tokred-compare", config_name)
         return
     try:
-        cfg = compose_config(sys.argv[1:], config_name="compare")
+        cfg = compose_config(args, config_name=config_name)
         OmegaConf.set_struct(cfg, False)  # baseline_ckpt is filled in by plan()
         failed = run(cfg)
     except (ValueError, RuntimeError) as err:
