@@ -398,3 +398,16 @@ def test_compare_refuses_an_empty_or_repeated_seed_list(seeds, tmp_path):
     cfg = compose_config([f"runs_dir={tmp_path}", f"seeds={seeds}"], config_name="compare")
     with pytest.raises(ValueError, match="distinct integers"):
         compare.plan(cfg)
+
+
+def test_the_hard_preset_plans_three_seeded_replicates_of_valid_training_runs(tmp_path):
+    cfg = compose_config([f"runs_dir={tmp_path}"], config_name="compare_hard")
+    steps = compare.plan(cfg)
+    assert [s.name for s in steps if s.name.startswith("baseline")] == [f"baseline seed={s}" for s in (0, 1, 2)]
+    assert len(steps) == 3 * (1 + len(REDUCERS))  # per seed: the baseline and one sweep per reducer at the one budget
+    for step in steps:
+        # every step is a tokred-train command line whose overrides compose (a typo in a key fails here)
+        args = [a for a in step.args if a != "-m" and not a.startswith("hydra.")]
+        train_cfg = compose_config(args, config_name="train")
+        assert train_cfg.dataset.name == "synthetic_hard" and train_cfg.backbone.img_size == 128
+        assert not any(a.startswith("reducer.blocks=") for a in args)  # no 64-px ATS overrides
