@@ -411,3 +411,40 @@ def test_the_hard_preset_plans_three_seeded_replicates_of_valid_training_runs(tm
         train_cfg = compose_config(args, config_name="train")
         assert train_cfg.dataset.name == "synthetic_hard" and train_cfg.backbone.img_size == 128
         assert not any(a.startswith("reducer.blocks=") for a in args)  # no 64-px ATS overrides
+
+
+def test_onnxruntime_rows_time_the_export_and_a_reducer_it_cannot_express_is_a_failed_row(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    cfg = bench_cfg(tmp_path, "reducers=[topk,ats]", "budgets=[]", "runtime=onnxruntime", "train_batch_size=null")
+    machine, rows, failed = harness.run_benchmark(cfg)
+    assert [(r["reducer"], r["runtime"]) for r in rows] == [("none", "onnxruntime"), ("topk", "onnxruntime")]
+    assert all(r["throughput"] > 0 and r["speedup"] > 0 for r in rows)
+    (ats,) = failed
+    assert ats["reducer"] == "ats" and "cannot be exported to ONNX" in ats["error"]
+    # a torch run into the same files keeps the onnxruntime rows: the runtime is part of what a row measures
+    harness.write_results(cfg, machine, rows, failed, "onnx")
+    torch_cfg = bench_cfg(tmp_path, "reducers=[topk]", "budgets=[]", "train_batch_size=null")
+    machine, torch_rows, _ = harness.run_benchmark(torch_cfg)
+    harness.write_results(torch_cfg, machine, torch_rows, [], "torch")
+    kept = json.loads((tmp_path / "test" / "benchmark.json").read_text())["rows"]
+    assert sorted((r["reducer"], r["runtime"]) for r in kept) == [
+        ("none", "onnxruntime"),
+        ("none", "torch"),
+        ("topk", "onnxruntime"),
+        ("topk", "torch"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "overrides, fix",
+    [
+        (["precision=bf16"], "precision=fp32"),
+        (["compile=true", "warmup=2"], "compile=false"),
+        (["device=cuda"], "device=cpu"),
+        ([], "train_batch_size=null"),
+    ],
+)
+def test_onnxruntime_with_torch_only_settings_is_refused_naming_the_fix(overrides, fix, tmp_path):
+    with pytest.raises(ValueError, match=f"runtime=onnxruntime .* add .*{fix}"):
+        harness.run_benchmark(bench_cfg(tmp_path, "runtime=onnxruntime", *overrides))

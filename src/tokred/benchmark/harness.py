@@ -271,11 +271,12 @@ def run_benchmark(
         "batch_size": settings.batch_size,
         "precision": settings.precision,
         "compile": settings.compile,
+        "runtime": settings.runtime,
         "train_batch_size": settings.train_batch_size,
     }
     rows, failed = [], []
     for backbone in cfg.backbones:
-        models: dict[str, tuple[nn.Module, int]] = {}
+        models: dict[str, tuple[Callable[[torch.Tensor], Any], int]] = {}
         trainees: dict[str, Trainee] = {}
         measured: list[tuple[str, dict[str, Any]]] = []
         for entry in (e for e in entries if e.backbone == backbone):
@@ -292,6 +293,7 @@ def run_benchmark(
             }
             try:
                 deployable, trainees[entry.key], stats = build(entry)
+                prepared = prepare(deployable, settings, device)  # runtime=onnxruntime: the export may refuse
             except Exception as err:  # recorded, printed and turned into a non-zero exit by the CLI
                 if entry.kind == "baseline":
                     raise
@@ -300,7 +302,7 @@ def run_benchmark(
                     bar.update(per_model)
                 continue
             tick(entry.key)
-            models[entry.key] = (prepare(deployable, settings, device), stats["img_size"])
+            models[entry.key] = (prepared, stats["img_size"])
             measured.append((entry.key, {**row, **stats}))
         speeds = measure_speed(models, settings, device, tick)
         # The training pass holds every row's optimiser state: free the inference copies (and the loop's last
@@ -370,6 +372,7 @@ COLUMNS = [
     "train_batch_size",
     "precision",
     "compile",
+    "runtime",
     "machine",
     "device",
     "device_name",
@@ -441,7 +444,9 @@ def markdown(
         "",
         f"torch {machine['torch']}, timm {machine['timm']}, python {machine['python']}"
         + (f", CUDA {machine['cuda']}" if machine["device"] == "cuda" else "")
-        + f". Batch {s.batch_size}, {s.precision}, torch.compile {'on' if s.compile else 'off'}; "
+        + f". Batch {s.batch_size}, {s.precision}, "
+        + ("onnxruntime (the ONNX export, CPU); " if s.runtime == "onnxruntime" else "")
+        + f"torch.compile {'on' if s.compile else 'off'}; "
         f"{s.warmup} warm-up pass(es), median of {s.repeats} interleaved rounds of {s.iters} pass(es); "
         f"latency: batch 1, median of {s.latency_repeats} rounds; "
         + (
@@ -482,7 +487,17 @@ def row_key(row: dict[str, Any]) -> tuple:
     """What a row measures: a re-measured row replaces the earlier row with this key, and only that one."""
     return tuple(
         row.get(k)
-        for k in ("machine", "backbone", "reducer", "point", "target_ratio", "batch_size", "precision", "compile")
+        for k in (
+            "machine",
+            "backbone",
+            "reducer",
+            "point",
+            "target_ratio",
+            "batch_size",
+            "precision",
+            "compile",
+            "runtime",
+        )
     )
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
 from tqdm import tqdm
 
 from tokred.benchmark.aggregate import SPEED, describe, group_runs, mark_significance, public
@@ -241,7 +241,7 @@ def measure_runs(
 
     for backbone in dict.fromkeys(r["backbone"] for r in timed):
         sub = [r for r in timed if r["backbone"] == backbone]
-        models: dict[str, tuple[nn.Module, int]] = {}
+        models: dict[str, tuple[Callable[[torch.Tensor], Any], int]] = {}
         for row in sub:
             model = load_deployable(Path(row["run_dir"]) / "export")  # CheckpointError names the fix
             models[row["run_dir"]] = (prepare(model, settings, device), int(model.vit.patch_embed.img_size[0]))

@@ -40,7 +40,10 @@ import timm
 import torch
 from torch import nn
 
+from tokred.export import onnx_session
+
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class SpeedSettings:
     latency_repeats: int = 10
     latency_iters: int = 1
     train_batch_size: int | None = None  # None: no training step is timed (tokred-report times exported models)
+    runtime: str = "torch"  # torch (eager, or compiled with compile=true) | onnxruntime (the ONNX export, CPU)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -74,6 +78,22 @@ class SpeedSettings:
             raise ValueError(f"compile=true needs warmup >= 2 (got {self.warmup}): the first pass compiles")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads} must be >= 1, or null for torch's default")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime={self.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+        if self.runtime == "onnxruntime":
+            # The ONNX rows time the exported fp32 graph on onnxruntime's CPU provider, inference only: autocast,
+            # torch.compile and the training step are torch's and have no meaning there.
+            wrong = {
+                "precision=fp32": self.precision != "fp32",
+                "compile=false": self.compile,
+                "device=cpu": self.device not in ("cpu", "auto"),
+                "train_batch_size=null": self.train_batch_size is not None,
+            }
+            if any(wrong.values()):
+                raise ValueError(
+                    "runtime=onnxruntime times the fp32 ONNX export on the CPU, inference only; add "
+                    + " ".join(k for k, bad in wrong.items() if bad)
+                )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SpeedSettings:
@@ -221,14 +241,19 @@ def _iqr_pct(samples: list[float]) -> float:
     return 100 * (q3 - q1) / statistics.median(samples)
 
 
-def prepare(model: nn.Module, settings: SpeedSettings, device: torch.device) -> nn.Module:
-    """Eval mode on ``device``, compiled if asked (compilation then happens during the warm-up passes)."""
+def prepare(model: nn.Module, settings: SpeedSettings, device: torch.device) -> Callable[[torch.Tensor], Any]:
+    """Eval mode on ``device``, compiled if asked (compilation then happens during the warm-up passes), or with
+    ``runtime=onnxruntime`` exported to ONNX and run by an onnxruntime session at torch's thread count."""
     model = model.eval().to(device)
+    if settings.runtime == "onnxruntime":
+        if device.type != "cpu":
+            raise ValueError(f"runtime=onnxruntime runs on the CPU, not {device}; add device=cpu")
+        return onnx_session(model, int(model.vit.patch_embed.img_size[0]))  # OnnxExportError names what is missing
     return torch.compile(model) if settings.compile else model
 
 
 def measure_speed(
-    models: Mapping[str, tuple[nn.Module, int]],
+    models: Mapping[str, tuple[Callable[[torch.Tensor], Any], int]],
     settings: SpeedSettings,
     device: torch.device,
     tick: Callable[[str], None] = lambda name: None,
