@@ -47,13 +47,13 @@ train: $(STAMP) ## train the default experiment (deit_tiny_cpu on the built-in d
 	$(BIN)/tokred-train $(ARGS)
 
 test: $(STAMP) ## run the test suite (locked versions)
-	$(BIN)/pytest -n 2 --dist loadfile $(ARGS)
+	$(BIN)/pytest -n 2 --dist loadgroup $(ARGS)
 
 support-matrix: $(STAMP) ## rewrite the README's reducer x backbone support matrix from tests/test_support_matrix.py
 	TOKRED_UPDATE_README=1 $(BIN)/pytest -q -n 0 tests/test_support_matrix.py -k readme
 
 test-fast: $(STAMP) ## the suite without the tests marked slow (long end-to-end runs): a quick check while editing
-	$(BIN)/pytest -n 2 --dist loadfile -m "not slow" $(ARGS)
+	$(BIN)/pytest -n 2 --dist loadgroup -m "not slow" $(ARGS)
 
 lint: $(STAMP) ## ruff: lint and formatting check (configured in pyproject.toml; CI runs it)
 	$(BIN)/ruff check src tests
@@ -64,7 +64,7 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 	$(BIN)/ruff format src tests
 
 test-oldest: $(OLD_VENV)/.installed ## the smoke tests (every reducer end to end) on the oldest supported versions
-	$(OLD_VENV)/bin/pytest -n 2 --dist loadfile -m smoke $(ARGS)
+	$(OLD_VENV)/bin/pytest -n 2 --dist loadgroup -m smoke $(ARGS)
 
 flops: $(STAMP) ## analytic and counted GMACs: make flops ARGS="backbone=deit_small reducer=none"
 	$(BIN)/tokred-flops $(ARGS)

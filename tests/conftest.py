@@ -18,14 +18,17 @@ from tokred.config import compose_config
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Heaviest files first. ``make test`` hands whole files to its two workers in collection order, so a long file
-    collected last (the console-script smoke tests, several minutes) would run alone while the other worker idles;
-    weighing each subprocess-driven ``slow`` test as 20 quick ones and running the heaviest files first balances
-    them."""
+    """Balance ``make test``'s two workers (``--dist loadgroup``). Each file is one group, so its module-scoped
+    fixtures are built once, except the console-script smoke tests: independent subprocess runs of ~25 s each, one
+    group per test so both workers share them. Groups are handed out in collection order, so the heaviest files go
+    first (a subprocess-driven ``slow`` test weighs as 20 quick ones): a long file collected last would run alone
+    while the other worker idles."""
     weight: dict[Path, int] = {}
     for item in items:
         weight[item.path] = weight.get(item.path, 0) + (20 if item.get_closest_marker("slow") else 1)
+        item.add_marker(pytest.mark.xdist_group(item.nodeid if item.get_closest_marker("smoke") else item.path.name))
     # sort is stable: tests keep their order inside a file, and the order is the same in every worker
     items.sort(key=lambda item: -weight[item.path])
 
