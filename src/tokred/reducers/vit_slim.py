@@ -109,8 +109,9 @@ class Config(ReducerConfig):
     # or down), so the GEMMs get the widths their kernels tile. pad_heads: every kept head of a block is zero-padded
     # to the block's widest one, so the block runs one attention call instead of one per distinct width. Either way
     # the structure is then refitted to the GMACs of the plain extraction at the budget, within [-1 %, 0] (padding
-    # is counted: it is real work), dropping or adding chunks in the ranking's order.
-    align: int = 1
+    # is counted: it is real work), dropping or adding chunks in the ranking's order. align=16 is the default because
+    # it wins on DeiT-S (1.06 vs 0.97 of the GMACs ratio, eager; 1.02 vs 0.95 compiled); align=1 is the paper's.
+    align: int = 16
     pad_heads: bool = False
 
     def __post_init__(self) -> None:
