@@ -393,6 +393,32 @@ def test_compare_with_seeds_replicates_baseline_and_sweeps_per_seed(tmp_path):
         assert f"reducer.teacher='{root / 'none' / 'baseline' / 'export' / 'model.safetensors'}'" in sit.args
 
 
+def test_compare_skips_the_sweeps_of_a_seed_whose_baseline_learned_nothing(tmp_path, monkeypatch):
+    cfg = compose_config([f"runs_dir={tmp_path}", "seeds=[0,1]", "reducers=[topk]"], config_name="compare")
+    OmegaConf.set_struct(cfg, False)
+    ran = []
+
+    def fake_train(command: list[str]):  # writes what tokred-train would: a summary per run, seed 1 at chance
+        seed = next(a for a in command if a.startswith("seed="))
+        baseline = next((a.split("=", 1)[1] for a in command if a.startswith("hydra.run.dir=")), None)
+        ran.append(("baseline" if baseline else "topk", seed))
+        dirs = [Path(baseline)] if baseline else [tmp_path / seed.replace("=", "") / "topk" / f"r{b}" for b in BUDGETS]
+        for run_dir in dirs:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            reasons = ["top-1 10.5% is chance level for 10 classes"] if baseline and seed == "seed=1" else []
+            (run_dir / "summary.json").write_text(json.dumps({"degenerate": reasons}))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_train)
+    monkeypatch.setattr(compare, "report_from_config", lambda *a, **k: type("P", (), {"show": lambda self: None})())
+    failed = compare.run(cfg)
+    assert ran == [("baseline", "seed=0"), ("topk", "seed=0"), ("baseline", "seed=1")]  # no sweep from seed 1
+    assert len(failed) == 1 and failed[0].startswith("baseline seed=1 (the baseline is degenerate (top-1 10.5%")
+    assert "train longer" in failed[0]
+    ran.clear()
+    assert compare.run(cfg) == failed and ran == []  # a re-launch checks the finished baseline again
+
+
 @pytest.mark.parametrize("seeds", ["[]", "[1,1]"])
 def test_compare_refuses_an_empty_or_repeated_seed_list(seeds, tmp_path):
     cfg = compose_config([f"runs_dir={tmp_path}", f"seeds={seeds}"], config_name="compare")

@@ -12,6 +12,7 @@ reducer's accuracy curve over its budget from it (:mod:`tokred.benchmark.trainin
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -33,6 +34,7 @@ class Step:
     """One tokred-train invocation: the baseline (a single run) or one reducer's multirun over the budgets."""
 
     name: str
+    seed: int
     args: list[str]
     run_dirs: list[Path]  # the runs it produces; all of them holding a summary.json means the step is done
 
@@ -77,7 +79,7 @@ def plan(cfg: DictConfig) -> list[Step]:
         cfg.baseline_ckpt = f"'{baseline_dir(root) / 'export' / 'model.safetensors'}'"
         common = [*cfg.train, f"seed={seed}", f"logger={'wandb' if cfg.wandb else 'csv'}"]
         base_args = [*common, "reducer=none", *cfg.baseline, f"hydra.run.dir={baseline_dir(root)}"]
-        steps.append(Step(f"baseline{tag}", base_args, [baseline_dir(root)]))
+        steps.append(Step(f"baseline{tag}", seed, base_args, [baseline_dir(root)]))
         for name in reducers:
             if name == "none":
                 continue
@@ -102,8 +104,16 @@ def plan(cfg: DictConfig) -> list[Step]:
                     "hydra.sweep.subdir=r${reducer.target_ratio}",
                 ]
                 label = name if len(groups) == 1 else f"{name} r={','.join(str(b) for b in budgets)}"
-                steps.append(Step(label + tag, args, [sweep_dir / f"r{b}" for b in budgets]))
+                steps.append(Step(label + tag, seed, args, [sweep_dir / f"r{b}" for b in budgets]))
     return steps
+
+
+def baseline_unusable(run_dir: Path) -> str:
+    """Why the sweeps cannot start from this finished baseline (its summary's ``degenerate`` reasons, e.g. a
+    chance-level top-1), or an empty string."""
+    summary = run_dir / "summary.json"
+    reasons = json.loads(summary.read_text()).get("degenerate") if summary.is_file() else None
+    return f"the baseline is degenerate ({'; '.join(reasons)})" if reasons else ""
 
 
 def run(cfg: DictConfig) -> list[str]:
@@ -114,24 +124,35 @@ def run(cfg: DictConfig) -> list[str]:
     steps = plan(cfg)
     if cfg.mode == "training_free":
         steps = steps[:1]  # the first seed's baseline
-    failed = []
+    failed, unusable = [], set()
     for step in steps:
+        if step.seed in unusable:
+            continue
         if step.done:
             print(f"tokred-compare: {step.name}: done already ({', '.join(str(d) for d in step.run_dirs)})")
-            continue
-        print(f"tokred-compare: {step.name}: {shlex.join(step.command())}", flush=True)
-        if cfg.dry_run:
-            continue
-        if subprocess.run(step.command()).returncode != 0:
-            if step.name.startswith("baseline"):
-                raise RuntimeError(
-                    "the baseline run failed (its error is printed above); every sweep starts from it, "
-                    "so fix that first and re-run tokred-compare"
-                )
-            failed.append(step.name)
+        else:
+            print(f"tokred-compare: {step.name}: {shlex.join(step.command())}", flush=True)
+            if cfg.dry_run:
+                continue
+            if subprocess.run(step.command()).returncode != 0:
+                if step.name.startswith("baseline"):
+                    raise RuntimeError(
+                        "the baseline run failed (its error is printed above); every sweep starts from it, "
+                        "so fix that first and re-run tokred-compare"
+                    )
+                failed.append(step.name)
+        why = baseline_unusable(step.run_dirs[0]) if step.name.startswith("baseline") else ""
+        if why:
+            # A sweep from a baseline that learned nothing measures nothing (seed 1 of the first compare-hard run
+            # stayed at chance for its 3 epochs); the other seeds go on.
+            print(f"tokred-compare: {step.name}: {why}; skipping its sweeps", flush=True)
+            failed.append(f"{step.name} ({why}: delete it and train longer, e.g. epochs=<more>, or use another seed)")
+            unusable.add(step.seed)
     if cfg.dry_run:
         return failed
     if cfg.mode == "training_free":
+        if unusable:
+            raise RuntimeError(f"no curves drawn: {failed[-1]}")
         command = shlex.join(["tokred-compare", *sys.argv[1:]])
         root = seed_dir(Path(cfg.runs_dir).resolve(), seeds_of(cfg), seeds_of(cfg)[0])
         paths = run_training_free(cfg, baseline_dir(root) / "export", command)
@@ -163,7 +184,7 @@ def main() -> None:
         fail(
             "tokred-compare",
             RuntimeError(
-                f"sweeps failed: {', '.join(failed)} (errors above); the report covers "
+                f"steps failed: {', '.join(failed)} (errors above); the report covers "
                 "the runs that finished; re-run tokred-compare to resume the rest"
             ),
         )
