@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tokred.benchmark.aggregate import group_runs, mark_significance, paired_p, separation
+from tokred.benchmark.report import configurations
 from tokred.cli import report as report_cli
 from tokred.io import PER_IMAGE, write_per_image
 from tokred.stats import bootstrap_interval, mcnemar
@@ -140,3 +141,23 @@ def test_report_folds_seeds_into_intervals_paired_tests_and_error_bars(tmp_path,
     md = (out / "compare.md").read_text()
     assert "the task separates them" in md and "below (p=" in md and "[87.26, 89.74] t" in md
     assert (out / "compare_top1_vs_gmacs.png").stat().st_size > 0
+
+
+def test_a_replicate_whose_baseline_learned_nothing_is_left_out_of_the_configurations():
+    chance = "top-1 10.5% is chance level for 10 classes"
+    runs = [
+        run("none", 99.0, 0),
+        run("none", 10.5, 1, degenerate=chance),
+        run("none", 98.0, 2),
+        run("tome", 97.0, 0),
+        run("tome", 11.0, 1, degenerate=chance),
+        run("tome", 95.0, 2),
+    ]
+    groups, _, left_out = configurations(runs)
+    tome = next(g for g in groups if g["reducer"] == "tome")
+    assert tome["seeds"] == [0, 2] and tome["top1"] == 96.0  # seed 1 measured the failed baseline, not ToMe
+    assert left_out == [f"seed 1 of deit_tiny_cpu on synthetic (2 runs): its baseline is degenerate ({chance})"]
+    # With no healthy baseline to set against it, nothing is left out: the degenerate marks say it instead.
+    alone = [r for r in runs if r["seed"] == 1]
+    groups, _, left_out = configurations(alone)
+    assert left_out == [] and [g["seeds"] for g in groups] == [[1], [1]]

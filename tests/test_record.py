@@ -174,7 +174,7 @@ def test_report_leaves_degenerate_runs_off_the_pareto_front_unless_asked(tmp_pat
     runs = load_runs(tmp_path)
 
     def front(include_degenerate: bool) -> set[str]:
-        groups, _ = configurations(runs, include_degenerate)
+        groups, _, _ = configurations(runs, include_degenerate)
         return {Path(r["run_dir"]).name for r in groups if r["pareto_gmacs"]}
 
     assert front(False) == {"base", "half"}

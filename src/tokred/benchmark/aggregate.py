@@ -61,6 +61,24 @@ def _by_seed(run: dict[str, Any]) -> tuple:
     return (run.get("seed") is None, run.get("seed") or 0, run["run_dir"])
 
 
+def replicate_key(run: dict[str, Any]) -> tuple:
+    """A run's replicate: its backbone, dataset and seed (a seeded comparison trains one baseline per replicate)."""
+    return (run["backbone"], run.get("dataset"), run.get("seed"))
+
+
+def failed_replicates(runs: Sequence[dict[str, Any]]) -> dict[tuple, str]:
+    """``(backbone, dataset, seed)`` -> why, for the replicates whose ``none`` baseline is degenerate (e.g. a
+    chance-level top-1) while another seed's baseline of the same backbone and dataset is not: every run of such a
+    replicate started from a model that learned nothing, so it measures the failed baseline, not its method."""
+    baselines = [r for r in runs if r["reducer"] == "none" and r.get("seed") is not None]
+    healthy = {(r["backbone"], r.get("dataset")) for r in baselines if not r.get("degenerate")}
+    return {
+        replicate_key(r): r["degenerate"]
+        for r in baselines
+        if r.get("degenerate") and (r["backbone"], r.get("dataset")) in healthy
+    }
+
+
 def group_runs(runs: Sequence[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
     """One row per configuration (backbone, dataset, reducer, point), in the order of ``runs``' first occurrences:
     top-1 and top-5 means, top-1's sample SD over seeds, its interval (``top1_lo``/``top1_hi``, ``interval`` says

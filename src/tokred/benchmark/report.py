@@ -19,7 +19,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tokred.benchmark.aggregate import SPEED, describe, group_runs, mark_significance, public
+from tokred.benchmark.aggregate import (
+    SPEED,
+    describe,
+    failed_replicates,
+    group_runs,
+    mark_significance,
+    public,
+    replicate_key,
+)
 from tokred.benchmark.outputs import (
     Column,
     fmt,
@@ -215,12 +223,20 @@ def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
 
 def configurations(
     runs: Sequence[dict[str, Any]], include_degenerate: bool = False
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """The runs folded into configurations (:func:`~tokred.benchmark.aggregate.group_runs`) with GMACs ratios,
-    Pareto fronts and paired tests marked, and the budgets' separation records."""
-    groups = group_runs(runs)
+    Pareto fronts and paired tests marked, the budgets' separation records, and what was left out: the replicates
+    whose baseline is degenerate (:func:`~tokred.benchmark.aggregate.failed_replicates`)."""
+    failed = failed_replicates(runs)
+    kept = [r for r in runs if replicate_key(r) not in failed]
+    left_out = [
+        f"seed {key[2]} of {key[0]} on {key[1]} ({sum(replicate_key(r) == key for r in runs)} runs): "
+        f"its baseline is degenerate ({why})"
+        for key, why in failed.items()
+    ]
+    groups = group_runs(kept)
     mark_fronts(groups, include_degenerate)
-    return groups, mark_significance(groups)
+    return groups, mark_significance(groups), left_out
 
 
 def measure_runs(
@@ -352,7 +368,7 @@ def write_report(
     ``<name>_top1_vs_{gmacs,throughput}.png`` under ``out``; runs already in an earlier ``<name>.json`` there that
     this report does not cover are kept (by run directory)."""
     runs = merge_rows(out / f"{name}.json", runs, key=lambda r: (r.get("run_dir"),))
-    rows, records = configurations(runs, include_degenerate)
+    rows, records, left_out = configurations(runs, include_degenerate)
     timed = machine is not None and settings is not None
     speed_line = (
         f"Throughput: exported models (one per configuration), batch {settings.batch_size}, {settings.precision}, "
@@ -375,6 +391,9 @@ def write_report(
         "runs (no patch token left in some block, or chance-level top-1) are left off the front unless "
         f"include_degenerate=true. {speed_line} Regenerate: `{command}`.",
     ]
+    if left_out:
+        lines += ["", f"Left out of the configurations (their rows stay in `{name}_runs.csv`):", ""]
+        lines += [f"- {line}" for line in left_out]
     if records:
         lines += ["", "Separation (spread of the mean top-1 at one budget vs 3 × the largest seed SD):", ""]
         lines += [f"- {describe(record)}" for record in records]
@@ -395,6 +414,7 @@ def write_report(
             "rows": [public(r) for r in runs],  # per run: what a later report merges with (by run directory)
             "configurations": [public(r) for r in rows],
             "separation": records,
+            "left_out": left_out,
         },
     )
     write_text(paths.md, "\n".join(lines) + "\n")
