@@ -4,6 +4,7 @@ terms and the frozen teacher, FLOPs with the predictors counted, budgets, phases
 from __future__ import annotations
 
 import csv
+import math
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -25,8 +26,9 @@ from tokred.reducers.base import TokenReducer
 from tokred.reducers.dynamicvit import (
     Config,
     DynamicViT,
-    attention_mask,
+    connection,
     keep_counts,
+    policy_softmax,
     ratio_loss,
     token_distillation,
 )
@@ -133,24 +135,46 @@ def test_channel_zero_is_keep_in_training_and_at_inference(make_vit, monkeypatch
     assert all(set(image.nonzero().flatten().tolist()) == set(favoured) for image in decisions[0])
 
 
-def test_the_attention_mask_hides_dropped_keys_from_every_query_but_their_own():
+def official_softmax(a: list[float], g: list[float], eps: float = 1e-6) -> list[float]:
+    """Spec §3.3 written out for one row: (exp(a_j - M) g_j + eps / T) / (sum_k exp(a_k - M) g_k + eps)."""
+    m = max(a)
+    s = sum(math.exp(x - m) * gj for x, gj in zip(a, g))
+    return [(math.exp(x - m) * gj + eps / len(a)) / (s + eps) for x, gj in zip(a, g)]
+
+
+def test_the_masked_softmax_is_the_official_formula_and_hides_dropped_keys_from_all_but_themselves():
     keep = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
-    bias = attention_mask(keep)
-    assert bias.shape == (2, 1, 5, 5)
-    torch.manual_seed(0)
-    logits = torch.randn(2, 1, 5, 5) * 3
-    logits[:, :, :, 2] += 25.0  # a dropped key far above the kept ones must not take over (spec §11.2)
-    weights = (logits + bias).softmax(dim=-1)[:, 0]
-    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 5))
-    policy = torch.cat([torch.ones(2, 1), keep], dim=1)  # CLS first, always kept
+    allowed = connection(keep)
     # G_ij = m_j + (1 - m_j) [i = j] (spec §3.3, the official code): every query sees the kept keys and itself.
+    policy = torch.cat([torch.ones(2, 1), keep], dim=1)  # CLS first, always kept
     visible = (policy[:, None, :] == 1) | torch.eye(5, dtype=torch.bool)
-    assert weights[~visible].max() < 1e-8
-    assert torch.equal(bias[:, :, :, 0], torch.zeros(2, 1, 5))  # the CLS column is never masked
-    for b in range(2):
-        for i in range(5):
-            expected = logits[b, 0, i][visible[b, i]].softmax(dim=-1)
-            torch.testing.assert_close(weights[b, i][visible[b, i]], expected, atol=1e-7, rtol=1e-6)
+    assert allowed.shape == (2, 1, 5, 5) and torch.equal(allowed[:, 0] == 1, visible)
+    torch.manual_seed(0)
+    calm = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    dominated = calm.clone()
+    dominated[:, :, :, 2] += 25.0  # a dropped key far above the kept ones: the official rows go ~uniform (§11.2)
+    for logits in (calm, dominated):
+        weights = policy_softmax(logits, allowed)[:, 0]
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 5, dtype=torch.float64))
+        for b in range(2):
+            for i in range(5):
+                expected = torch.tensor(official_softmax(logits[b, 0, i].tolist(), allowed[b, 0, i].tolist()))
+                torch.testing.assert_close(weights[b, i], expected.double(), rtol=1e-5, atol=0)
+    assert policy_softmax(calm, allowed)[:, 0][~visible].max() < 1e-5  # the eps leak, eps / T / (S + eps), only
+    assert policy_softmax(calm.half(), allowed).dtype == torch.float16  # computed in float32, cast back
+
+
+def test_the_mask_gradient_stays_bounded_when_a_dropped_key_dominates_its_row():
+    # The key patch of synthetic_hard draws CLS's attention by a wide margin; dropping it must not blow up the
+    # gradient that reaches the predictors through the mask (an additive log(G + 1e-20) SDPA mask gave ~exp(gap),
+    # 1e13-1e16 gradient norms in training). The official formula saturates at ~1/eps.
+    keep = torch.tensor([[1.0, 0.0, 1.0]], requires_grad=True)
+    logits = torch.zeros(1, 1, 4, 4)
+    logits[..., 2] = 40.0  # the dropped key, 40 above every other logit
+    weights = policy_softmax(logits, connection(keep))
+    (weights[0, 0, 0] * torch.tensor([1.0, 0.0, -1.0, 0.0])).sum().backward()  # CLS's pull toward key 2
+    grad = keep.grad.abs().max().item()
+    assert 1e4 < grad <= 1.0 / 1e-6  # large (dropping the dominant key matters), yet bounded by 1 / eps
 
 
 def test_masks_are_hierarchical_and_keep_cls(make_vit):
@@ -161,8 +185,8 @@ def test_masks_are_hierarchical_and_keep_cls(make_vit):
     for earlier, later in zip(decisions, decisions[1:]):
         assert (later <= earlier).all()
     assert set(torch.cat(decisions).unique().tolist()) <= {0.0, 1.0}
-    mask = attention_mask(decisions[-1])
-    assert (mask[:, 0, :, 0] == 0).all()
+    allowed = connection(decisions[-1])
+    assert (allowed[:, 0, :, 0] == 1).all()  # every query sees CLS
 
 
 def test_an_image_that_drops_every_patch_keeps_the_batch_finite(make_vit):

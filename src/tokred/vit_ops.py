@@ -132,6 +132,11 @@ def attend(
         dropout_p=attn.attn_drop.p if attn.training else 0.0,
         scale=attn.scale if scale is None else scale,
     )
+    return merge_heads(attn, out)
+
+
+def merge_heads(attn: Attention, out: torch.Tensor) -> torch.Tensor:
+    """Per-head attention outputs (B, H, n, head_dim) -> scale-norm and output projection -> (B, n, C)."""
     b, h, n, d = out.shape
     out = attn.norm(out.transpose(1, 2).reshape(b, n, h * d))
     return attn.proj_drop(attn.proj(out))

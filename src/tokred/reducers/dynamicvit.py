@@ -18,11 +18,13 @@ is masked by the keep decisions like attention is.
   every image, and the following blocks are the plain timm blocks on the shorter sequence.
 
 Spec: ``specs/dynamicvit.md``. Choices and deviations are marked ``[choice]`` where they are made:
-[choice] Masked attention goes through fused SDPA (``vit_ops.attend``) with an additive mask log(G + delta) instead
-of the official hand-written softmax with its eps terms (spec §12 option b). The forward differs only in the weight
-left on a dropped key: delta * exp(gap) relative, where gap is how far its logit lies above the row's kept ones,
-against eps/T / (S + eps) in the official code, which leaks ~1/T per dropped key once the gap passes ~15-20 (§11.2);
-here that takes a gap of ~46. The gradient w.r.t. the mask is the official formula's exactly (the delta cancels).
+Masked attention in training is the official hand-written softmax with its eps terms (spec §3.3, §12 option a), row
+max over all keys included. That max is what bounds the gradient w.r.t. a dropped key's mask entry by ~1/eps = 1e6:
+when the dropped key's logit lies far above the kept ones (the one key patch of dataset=synthetic_hard), the sum of
+kept terms S shrinks and the gradient exp(a_j - M) / (S + eps) saturates. An additive mask log(G + delta) through
+fused SDPA (option b, which this file used before) has the same forward up to the eps terms but a gradient of
+exp(gap), up to 1/delta: predictor gradient norms of 1e13-1e16 on synthetic_hard, which swamped AdamW's moments and
+made the predictors' training a lottery (test top-1 70-88 % over three seeds from one baseline).
 [choice] The blocks before the first prediction module run plain attention: with an all-ones policy the official
 masked softmax equals it up to the eps terms (spec pitfall §11.3).
 [choice] Keep counts come from the backbone's own patch grid, not the official hard-coded 14 x 14 (identical at 224).
@@ -45,12 +47,12 @@ from tokred.flops import BlockCost, ModelCost, head_macs, stem_macs
 from tokred.reducers import register_reducer
 from tokred.reducers.base import Criterion, ParamGroup, Phase, ReducerConfig, TokenMap, TokenReducer
 from tokred.vit_ops import (
-    attend,
     block_forward,
     check_standard_vit,
     classify,
     embed,
     gather_tokens,
+    merge_heads,
     mlp_residual,
     project_qkv,
 )
@@ -60,10 +62,8 @@ log = logging.getLogger("tokred")
 TRAIN_COMMAND = (
     "tokred-train reducer=dynamicvit backbone.checkpoint=<trained backbone> (or experiment=dynamicvit_deit_s)"
 )
-# Weight the attention mask leaves on a hidden key, relative to its unmasked weight. log(delta) = -46 keeps SDPA's
-# softmax and the mask's gradient finite (d/dG log(G + delta) = 1 / (G + delta) meets a weight that carries a factor
-# delta), and keeps that weight inside float32/bfloat16's range for keys down to ~1e-18 of the row's attention.
-MASK_DELTA = 1e-20
+# eps of the official masked softmax (spec §3.3): (exp(a - M) G + eps / T) / (sum_k exp(a_k - M) G_k + eps).
+POLICY_EPS = 1e-6
 # L_tok is skipped when the whole batch keeps fewer tokens than this (official code: 0.1).
 MIN_DISTILLED_TOKENS = 0.1
 
@@ -140,14 +140,22 @@ def full_policy(keep: torch.Tensor, num_prefix: int) -> torch.Tensor:
     return torch.cat([keep.new_ones(keep.shape[0], num_prefix), keep], dim=1)
 
 
-def attention_mask(keep: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
-    """Additive SDPA mask (B, 1, T, T) for the policy [prefix; keep]: log(G + delta) with G_ij = m_j off the diagonal
-    and 1 on it (spec §3.3), so a dropped key is visible to its own query only. Differentiable in ``keep``."""
+def connection(keep: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
+    """G (B, 1, T, T) for the policy [prefix; keep]: G_ij = m_j off the diagonal and 1 on it (spec §3.3), so a
+    dropped key is visible to its own query only. Differentiable in ``keep``."""
     policy = full_policy(keep, num_prefix)
     t = policy.shape[1]
-    bias = torch.log(policy + MASK_DELTA)[:, None, None, :].expand(-1, 1, t, -1)
     diagonal = torch.eye(t, dtype=torch.bool, device=keep.device)
-    return bias.masked_fill(diagonal, 0.0)
+    return policy[:, None, None, :].expand(-1, 1, t, -1).masked_fill(diagonal, 1.0)
+
+
+def policy_softmax(logits: torch.Tensor, connection: torch.Tensor) -> torch.Tensor:
+    """The official masked softmax (spec §3.3) of attention logits (B, H, T, T) under G, in float32, cast back."""
+    # The row max is over all keys, dropped ones included, as in the official code: it bounds the mask's gradient.
+    shifted = logits.float() - logits.float().amax(dim=-1, keepdim=True)
+    weights = shifted.exp() * connection
+    eps = POLICY_EPS
+    return ((weights + eps / logits.shape[-1]) / (weights.sum(dim=-1, keepdim=True) + eps)).to(logits.dtype)
 
 
 class Predictor(nn.Module):
@@ -184,11 +192,16 @@ class Predictor(nn.Module):
         return self.out_conv(torch.cat([local, pooled.expand(-1, z.shape[1], -1)], dim=-1))
 
 
-def _masked_block(blk: Block, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """A timm block over all tokens with an additive attention mask (None: the plain block)."""
-    q, k, v = project_qkv(blk.attn, blk.norm1(x))
-    bias = None if mask is None else mask.to(q.dtype)  # SDPA wants the query's dtype (bf16 under autocast)
-    x = x + blk.drop_path1(blk.ls1(attend(blk.attn, q, k, v, attn_mask=bias)))
+def _masked_block(blk: Block, x: torch.Tensor, connection: torch.Tensor | None) -> torch.Tensor:
+    """A timm block over all tokens whose attention is the masked softmax under ``connection`` (None: the plain
+    block)."""
+    if connection is None:
+        return block_forward(blk, x)
+    attn = blk.attn
+    q, k, v = project_qkv(attn, blk.norm1(x))
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    weights = attn.attn_drop(policy_softmax(q @ k.transpose(-2, -1) * attn.scale, connection))
+    x = x + blk.drop_path1(blk.ls1(merge_heads(attn, weights @ v)))
     return x + mlp_residual(blk, x)
 
 
@@ -316,7 +329,7 @@ class DynamicViT(TokenReducer):
         x = embed(self.vit, images)
         prefix = self.vit.num_prefix_tokens
         keep = x.new_ones(x.shape[0], x.shape[1] - prefix)
-        mask = None
+        allowed = None
         decisions: list[torch.Tensor] = []
         for i, blk in enumerate(self.vit.blocks):
             if i in self.locs:
@@ -328,12 +341,12 @@ class DynamicViT(TokenReducer):
                     decision = decide(s, log_probs)
                 keep = decision * keep  # hierarchical: dropped once, dropped for good; carries the ST gradient
                 decisions.append(keep)
-                mask = attention_mask(keep, prefix)
-            x = _masked_block(blk, x, mask)
-        # Average / attention pooling over the kept tokens, as the pruned model pools: sizes (log-sizes) are the
-        # policy plus the attention mask's delta, so a dropped token weighs ~delta and an image that dropped every
-        # patch pools them all rather than dividing by 0; CLS-token pooling ignores the sizes.
-        logits = classify(self.vit, x, (full_policy(keep, prefix) + MASK_DELTA).unsqueeze(-1))
+                allowed = connection(keep, prefix)
+            x = _masked_block(blk, x, allowed)
+        # Average / attention pooling over the kept tokens, as the pruned model pools (CLS-token pooling ignores the
+        # sizes). A dropped token keeps size eps, as in the masked softmax: ~0, yet an image that dropped every patch
+        # pools them all rather than dividing by 0, and the log-size bias of attention pooling has a bounded gradient.
+        logits = classify(self.vit, x, (full_policy(keep, prefix) + POLICY_EPS).unsqueeze(-1))
         return logits, self.vit.norm(x)[:, prefix:], decisions
 
     # ---------------------------------------------------------------- the hooks
