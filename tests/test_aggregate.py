@@ -70,6 +70,10 @@ def test_paired_p_pools_the_discordant_images_of_seed_paired_runs():
     assert paired_p(a, other_seeds) is None  # nothing seen on the same images: no test
     lone_a, lone_b = group_runs([run("a", 0, None, hits(60)), run("b", 0, None, hits(50))])
     assert paired_p(lone_a, lone_b) == pytest.approx(2 / 2**10)  # two single runs pair with each other
+    # a baseline the seeds share (one run, seed 0) pairs with each seed of a: b=10 + 4 = 14 discordant images, c=0
+    (shared,) = group_runs([run("none", 0, 0, hits(44))])
+    assert paired_p(a, shared) == pytest.approx(mcnemar(hits(50) + hits(54), hits(44) + hits(44)))
+    assert paired_p(a, shared) == pytest.approx(2 / 2**16) == paired_p(shared, a)
 
 
 def test_the_best_at_a_budget_is_marked_and_differences_within_noise_are_not_ranked():

@@ -393,8 +393,31 @@ def test_compare_with_seeds_replicates_baseline_and_sweeps_per_seed(tmp_path):
         assert f"reducer.teacher='{root / 'none' / 'baseline' / 'export' / 'model.safetensors'}'" in sit.args
 
 
-def test_compare_skips_the_sweeps_of_a_seed_whose_baseline_learned_nothing(tmp_path, monkeypatch):
-    cfg = compose_config([f"runs_dir={tmp_path}", "seeds=[0,1]", "reducers=[topk]"], config_name="compare")
+def test_compare_with_a_shared_baseline_trains_it_once_and_starts_every_seed_from_it(tmp_path):
+    overrides = [f"runs_dir={tmp_path}", "seeds=[3,1]", "reducers=[sit,evo_vit]", "shared_baseline=true"]
+    cfg = compose_config(overrides, config_name="compare")
+    OmegaConf.set_struct(cfg, False)
+    steps = {s.name: s for s in compare.plan(cfg)}
+    assert list(steps) == ["baseline seed=3", "sit seed=3", "evo_vit seed=3", "sit seed=1", "evo_vit seed=1"]
+    shared = tmp_path / "seed3" / "none" / "baseline"
+    assert steps["baseline seed=3"].run_dirs == [shared] and steps["baseline seed=3"].is_baseline
+    for seed in (3, 1):
+        sit = steps[f"sit seed={seed}"]
+        assert sit.baseline == shared and not sit.is_baseline and f"seed={seed}" in sit.args
+        assert f"reducer.teacher='{shared / 'export' / 'model.safetensors'}'" in sit.args
+        assert sit.run_dirs == [tmp_path / f"seed{seed}" / "sit" / f"r{b}" for b in BUDGETS]
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ([], [("baseline", "seed=0"), ("topk", "seed=0"), ("baseline", "seed=1")]),
+        (["seeds=[1,0]", "shared_baseline=true"], [("baseline", "seed=1")]),  # no seed's sweep from it
+    ],
+)
+def test_compare_skips_the_sweeps_of_a_seed_whose_baseline_learned_nothing(extra, expected, tmp_path, monkeypatch):
+    overrides = [f"runs_dir={tmp_path}", "seeds=[0,1]", "reducers=[topk]", *extra]
+    cfg = compose_config(overrides, config_name="compare")
     OmegaConf.set_struct(cfg, False)
     ran = []
 
@@ -412,7 +435,7 @@ def test_compare_skips_the_sweeps_of_a_seed_whose_baseline_learned_nothing(tmp_p
     monkeypatch.setattr(compare.subprocess, "run", fake_train)
     monkeypatch.setattr(compare, "report_from_config", lambda *a, **k: type("P", (), {"show": lambda self: None})())
     failed = compare.run(cfg)
-    assert ran == [("baseline", "seed=0"), ("topk", "seed=0"), ("baseline", "seed=1")]  # no sweep from seed 1
+    assert ran == expected  # no sweep from seed 1's baseline
     assert len(failed) == 1 and failed[0].startswith("baseline seed=1 (the baseline is degenerate (top-1 10.5%")
     assert "train longer" in failed[0]
     ran.clear()

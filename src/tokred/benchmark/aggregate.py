@@ -5,9 +5,9 @@ with the mean top-1 and a 95 % interval, and paired tests on the same test image
   run gets the bootstrap interval over its evaluation images instead (:func:`tokred.stats.bootstrap_interval`).
 - Paired tests (exact McNemar, :func:`tokred.stats.mcnemar`) of each configuration against its backbone's baseline and
   against the best configuration at the same budget. Runs are paired by seed (seed ``s`` of one method against seed
-  ``s`` of the other, which saw the same images), and the discordant images of all pairs are pooled; two single runs
-  of unknown seeds pair with each other. A configuration whose difference from the best has p >= ``alpha`` is "within
-  noise" of it: the report marks it instead of ranking it.
+  ``s`` of the other, which saw the same images), and the discordant images of all pairs are pooled; a single run
+  (a baseline the seeds share, or one run of unknown seed) pairs with every run of the other. A configuration whose
+  difference from the best has p >= ``alpha`` is "within noise" of it: the report marks it instead of ranking it.
 - Separation: at each budget, the spread between the best and the worst configuration against three times the largest
   seed standard deviation (issue 18's criterion for a task that tells the methods apart).
 """
@@ -124,12 +124,14 @@ def group_runs(runs: Sequence[dict[str, Any]], confidence: float = 0.95) -> list
 
 def paired_p(a: dict[str, Any], b: dict[str, Any]) -> float | None:
     """Exact McNemar p of two configurations over their seed-paired runs' pooled per-image results; None when no
-    pair has per-image results on the same images."""
+    pair has per-image results on the same images. A configuration with a single run (e.g. the baseline a
+    ``shared_baseline`` comparison trains once) pairs with every run of the other."""
     runs_a, runs_b = a["_runs"], b["_runs"]
-    seeds_b = {r.get("seed"): r for r in runs_b if r.get("seed") is not None}
-    pairs = [(r, seeds_b[r["seed"]]) for r in runs_a if r.get("seed") in seeds_b]
-    if not pairs and len(runs_a) == len(runs_b) == 1:
-        pairs = [(runs_a[0], runs_b[0])]
+    if len(runs_a) == 1 or len(runs_b) == 1:
+        pairs = [(ra, rb) for ra in runs_a for rb in runs_b]
+    else:
+        seeds_b = {r.get("seed"): r for r in runs_b if r.get("seed") is not None}
+        pairs = [(r, seeds_b[r["seed"]]) for r in runs_a if r.get("seed") in seeds_b]
     pairs = [
         (ra["_correct"], rb["_correct"])
         for ra, rb in pairs

@@ -4,7 +4,8 @@ report.
 The grid is ``conf/compare.yaml``. Each step is a real ``tokred-train`` process, the sweeps Hydra multiruns over
 ``reducer.target_ratio``, so what the comparison ran is exactly what a user can re-run by hand (``dry_run=true``
 prints the commands). Run directories are deterministic (``<runs_dir>/none/baseline``,
-``<runs_dir>/<reducer>/r<budget>``, each under ``<runs_dir>/seed<seed>/`` when ``seeds`` lists several): a re-launch
+``<runs_dir>/<reducer>/r<budget>``, each under ``<runs_dir>/seed<seed>/`` when ``seeds`` lists several; with
+``shared_baseline`` only the first seed has a baseline, and every seed's sweeps start from it): a re-launch
 skips runs that wrote their ``summary.json`` and lets ``tokred-train`` resume the interrupted ones from their
 checkpoints. ``mode=training_free`` trains (or reuses) the first seed's baseline only and draws every training-free
 reducer's accuracy curve over its budget from it (:mod:`tokred.benchmark.training_free`).
@@ -37,10 +38,15 @@ class Step:
     seed: int
     args: list[str]
     run_dirs: list[Path]  # the runs it produces; all of them holding a summary.json means the step is done
+    baseline: Path  # the baseline run it starts from (the baseline step: its own run)
 
     @property
     def done(self) -> bool:
         return all((d / "summary.json").is_file() for d in self.run_dirs)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.run_dirs == [self.baseline]
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "tokred.cli.train", *self.args]
@@ -52,8 +58,7 @@ def baseline_dir(runs_dir: Path) -> Path:
 
 def seed_dir(runs_dir: Path, seeds: list[int], seed: int) -> Path:
     """Where one seed's baseline and sweeps go: ``runs_dir`` itself when the comparison has one seed (the layout of
-    single-seed comparisons), else ``runs_dir/seed<seed>``. Every seed is a whole replicate: its own baseline, and
-    sweeps that start from that baseline, so the spread over seeds covers the baseline's training too."""
+    single-seed comparisons), else ``runs_dir/seed<seed>``."""
     return runs_dir if len(seeds) == 1 else runs_dir / f"seed{seed}"
 
 
@@ -65,21 +70,29 @@ def seeds_of(cfg: DictConfig) -> list[int]:
 
 
 def plan(cfg: DictConfig) -> list[Step]:
-    """Per seed, the baseline step, then one sweep step per reducer, for budgets whose run has not finished yet."""
+    """Per seed, the baseline step, then one sweep step per reducer, for budgets whose run has not finished yet.
+
+    By default every seed is a whole replicate: its own baseline and sweeps from it, so the spread over seeds covers
+    the baseline's training too. ``shared_baseline`` trains the first seed's baseline only and starts every seed's
+    sweeps from it: the seeds then vary the reducers' training alone, as when one pretrained model is reduced.
+    """
     seeds = seeds_of(cfg)
     reducers = list(cfg.reducers) if cfg.reducers else available_reducers()
     for name in reducers:
         reducer_class(name)  # one-line ValueError listing the registered reducers
+    runs_dir = Path(cfg.runs_dir).resolve()
     steps = []
     for seed in seeds:
-        root = seed_dir(Path(cfg.runs_dir).resolve(), seeds, seed)
+        root = seed_dir(runs_dir, seeds, seed)
+        base = baseline_dir(seed_dir(runs_dir, seeds, seeds[0]) if cfg.shared_baseline else root)
         tag = "" if len(seeds) == 1 else f" seed={seed}"
         # The checkpoint path is quoted so Hydra reads it as one string whatever characters the path holds; the
         # sweeps' ${baseline_ckpt} resolve to this seed's baseline as they are read below.
-        cfg.baseline_ckpt = f"'{baseline_dir(root) / 'export' / 'model.safetensors'}'"
+        cfg.baseline_ckpt = f"'{base / 'export' / 'model.safetensors'}'"
         common = [*cfg.train, f"seed={seed}", f"logger={'wandb' if cfg.wandb else 'csv'}"]
-        base_args = [*common, "reducer=none", *cfg.baseline, f"hydra.run.dir={baseline_dir(root)}"]
-        steps.append(Step(f"baseline{tag}", seed, base_args, [baseline_dir(root)]))
+        if base == baseline_dir(root):  # this seed trains a baseline of its own (always, unless shared)
+            base_args = [*common, "reducer=none", *cfg.baseline, f"hydra.run.dir={base}"]
+            steps.append(Step(f"baseline{tag}", seed, base_args, [base], base))
         for name in reducers:
             if name == "none":
                 continue
@@ -104,7 +117,7 @@ def plan(cfg: DictConfig) -> list[Step]:
                     "hydra.sweep.subdir=r${reducer.target_ratio}",
                 ]
                 label = name if len(groups) == 1 else f"{name} r={','.join(str(b) for b in budgets)}"
-                steps.append(Step(label + tag, seed, args, [sweep_dir / f"r{b}" for b in budgets]))
+                steps.append(Step(label + tag, seed, args, [sweep_dir / f"r{b}" for b in budgets], base))
     return steps
 
 
@@ -124,9 +137,9 @@ def run(cfg: DictConfig) -> list[str]:
     steps = plan(cfg)
     if cfg.mode == "training_free":
         steps = steps[:1]  # the first seed's baseline
-    failed, unusable = [], set()
+    failed, unusable = [], set()  # unusable: the baselines no sweep may start from
     for step in steps:
-        if step.seed in unusable:
+        if step.baseline in unusable:
             continue
         if step.done:
             print(f"tokred-compare: {step.name}: done already ({', '.join(str(d) for d in step.run_dirs)})")
@@ -135,19 +148,19 @@ def run(cfg: DictConfig) -> list[str]:
             if cfg.dry_run:
                 continue
             if subprocess.run(step.command()).returncode != 0:
-                if step.name.startswith("baseline"):
+                if step.is_baseline:
                     raise RuntimeError(
                         "the baseline run failed (its error is printed above); every sweep starts from it, "
                         "so fix that first and re-run tokred-compare"
                     )
                 failed.append(step.name)
-        why = baseline_unusable(step.run_dirs[0]) if step.name.startswith("baseline") else ""
+        why = baseline_unusable(step.baseline) if step.is_baseline else ""
         if why:
             # A sweep from a baseline that learned nothing measures nothing (seed 1 of the first compare-hard run
             # stayed at chance for its 3 epochs); the other seeds go on.
             print(f"tokred-compare: {step.name}: {why}; skipping its sweeps", flush=True)
             failed.append(f"{step.name} ({why}: delete it and train longer, e.g. epochs=<more>, or use another seed)")
-            unusable.add(step.seed)
+            unusable.add(step.baseline)
     if cfg.dry_run:
         return failed
     if cfg.mode == "training_free":

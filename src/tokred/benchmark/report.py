@@ -386,8 +386,9 @@ def write_report(
         "test split where the run has one, else on the validation split that also chose its checkpoint (column "
         "split); the mean over seeds. 95 % interval: Student t over the seeds (t), or for a single run the bootstrap "
         "over its images (boot). vs baseline / vs best at budget: exact McNemar test on the same images, seed "
-        "paired with seed; ≈ best: p >= 0.05, a difference within noise, not a ranking. GMACs: analytic, per "
-        "image. ◆: on the Pareto front (mean top-1 vs GMACs, resp. vs throughput) of its backbone; ⚠ degenerate "
+        "paired with seed (a single run, e.g. a baseline the seeds share, with each); ≈ best: p >= 0.05, a "
+        "difference within noise, not a ranking. GMACs: analytic, per image. ◆: on the Pareto front (mean top-1 "
+        "vs GMACs, resp. vs throughput) of its backbone; ⚠ degenerate "
         "runs (no patch token left in some block, or chance-level top-1) are left off the front unless "
         f"include_degenerate=true. {speed_line} Regenerate: `{command}`.",
     ]
