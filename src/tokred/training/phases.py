@@ -396,8 +396,11 @@ def file_identity(path: str | None, known: Mapping[str, Any] | None = None) -> d
     where = {"path": str(file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if known and known.get("sha256") and all(known.get(k) == v for k, v in where.items()):
         return {**where, "sha256": known["sha256"]}
-    with open(file, "rb") as f:
-        return {**where, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:  # in 1-MiB chunks: hashlib.file_digest is Python 3.11+, and 3.10 is supported
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {**where, "sha256": digest.hexdigest()}
 
 
 def dataset_identity(datamodule: ImageDataModule) -> dict[str, Any]:
