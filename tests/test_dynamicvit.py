@@ -177,6 +177,23 @@ def test_the_mask_gradient_stays_bounded_when_a_dropped_key_dominates_its_row():
     assert 1e4 < grad <= 1.0 / 1e-6  # large (dropping the dominant key matters), yet bounded by 1 / eps
 
 
+def test_both_masked_softmaxes_agree_on_calm_attention(make_vit):
+    exact, sdpa = dyn(make_vit(), keep_ratio=0.5).train(), dyn(make_vit(), keep_ratio=0.5, masked_softmax="sdpa")
+    sdpa.load_state_dict(exact.state_dict())
+    sdpa.train()
+    decisions = torch.Generator().manual_seed(3)
+
+    def fixed(stage: int, log_probs: torch.Tensor) -> torch.Tensor:  # the same masks for both
+        return (torch.rand(log_probs.shape[:2], generator=decisions.manual_seed(stage)) < 0.6).float()
+
+    logits_exact, tokens_exact, _ = exact._masked_forward(images(), fixed)
+    logits_sdpa, tokens_sdpa, _ = sdpa._masked_forward(images(), fixed)
+    # a random ViT's attention is calm (no dropped key 14 above the kept ones): the eps terms are all that differ
+    torch.testing.assert_close(logits_sdpa, logits_exact, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tokens_sdpa, tokens_exact, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(logits_sdpa, dyn(make_vit(), keep_ratio=0.5).eval()(images()))  # masks took effect
+
+
 def test_masks_are_hierarchical_and_keep_cls(make_vit):
     model = dyn(make_vit(), keep_ratio=0.5).train()
     torch.manual_seed(0)
@@ -436,6 +453,7 @@ def test_unreachable_budgets_say_what_is_reachable(make_vit):
         ("reducer.freeze_backbone_epochs=-1", "reducer.freeze_backbone_epochs"),
         ("+reducer.rho=0.7", "valid knobs"),
         ("reducer.finetune_epochs=0", "DynamicViT is not training-free"),
+        ("reducer.masked_softmax=fused", "choose exact (the official formula, default) or sdpa"),
     ],
 )
 def test_bad_knobs_are_one_line_errors(override, fragment):
