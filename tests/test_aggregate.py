@@ -147,6 +147,19 @@ def test_report_folds_seeds_into_intervals_paired_tests_and_error_bars(tmp_path,
     assert (out / "compare_top1_vs_gmacs.png").stat().st_size > 0
 
 
+def test_a_row_kept_from_a_report_that_predates_the_test_split_reads_as_validation(tmp_path):
+    _seeded_runs(tmp_path / "runs")
+    args = [f"runs_dir={tmp_path / 'runs'}", "speed=false", f"out_dir={tmp_path}", "machine=m"]
+    report_cli.main(args)
+    earlier = tmp_path / "m" / "compare.json"
+    data = json.loads(earlier.read_text())
+    old = {**data["rows"][-1], "run_dir": "/elsewhere/sit/r0.5", "reducer": "sit", "split": None}
+    earlier.write_text(json.dumps({**data, "rows": [*data["rows"], old]}))
+    report_cli.main(args)  # merges the kept row back in (it crashed on its null split)
+    rows = list(csv.DictReader((tmp_path / "m" / "compare.csv").open()))
+    assert next(r for r in rows if r["reducer"] == "sit")["split"] == "val"
+
+
 def test_a_replicate_whose_baseline_learned_nothing_is_left_out_of_the_configurations():
     chance = "top-1 10.5% is chance level for 10 classes"
     runs = [

@@ -368,6 +368,8 @@ def write_report(
     ``<name>_top1_vs_{gmacs,throughput}.png`` under ``out``; runs already in an earlier ``<name>.json`` there that
     this report does not cover are kept (by run directory)."""
     runs = merge_rows(out / f"{name}.json", runs, key=lambda r: (r.get("run_dir"),))
+    # Rows kept from a report written before runs had a test split carry split null: they were measured on validation.
+    runs = [{**r, "split": r.get("split") or "val"} for r in runs]
     rows, records, left_out = configurations(runs, include_degenerate)
     timed = machine is not None and settings is not None
     speed_line = (
