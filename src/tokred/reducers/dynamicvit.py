@@ -26,8 +26,8 @@ They differ once a dropped key's logit lies more than ~14 above the kept ones ("
 - sdpa: no leak, but that gradient grows as exp(gap), up to 1e20.
 Measured (README): on dataset=synthetic_hard, whose one key patch draws CLS's attention by a wide margin, sdpa gave
 predictor gradient norms of 1e13-1e16 and test top-1 87.8 / 86.5 / 59.0 % over three seeds, exact 99.9 / 86.7 /
-86.3 %; on dataset=synthetic (64 px, 0.5 of the GMACs) sdpa gave 83.3 %, exact ~33 %, its training masks keeping far
-more than the target. The default follows the spec's recommendation (the paper's formula).
+86.3 %; on dataset=synthetic (64 px, 0.5 / 0.65 of the GMACs) sdpa gave 83.3 / 85.9 %, exact 32.3 / 34.9 %, its
+training masks keeping far more than the target. The default follows the spec's recommendation (the paper's formula).
 [choice] The blocks before the first prediction module run plain attention: with an all-ones policy the official
 masked softmax equals it up to the eps terms (spec pitfall §11.3).
 [choice] Keep counts come from the backbone's own patch grid, not the official hard-coded 14 x 14 (identical at 224).
