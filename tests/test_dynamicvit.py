@@ -26,6 +26,7 @@ from tokred.reducers.base import TokenReducer
 from tokred.reducers.dynamicvit import (
     Config,
     DynamicViT,
+    additive_mask,
     connection,
     keep_counts,
     policy_softmax,
@@ -162,6 +163,26 @@ def test_the_masked_softmax_is_the_official_formula_and_hides_dropped_keys_from_
                 torch.testing.assert_close(weights[b, i], expected.double(), rtol=1e-5, atol=0)
     assert policy_softmax(calm, allowed)[:, 0][~visible].max() < 1e-5  # the eps leak, eps / T / (S + eps), only
     assert policy_softmax(calm.half(), allowed).dtype == torch.float16  # computed in float32, cast back
+
+
+def test_the_sdpa_mask_hides_dropped_keys_from_every_query_but_their_own():
+    keep = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    bias = additive_mask(connection(keep))
+    assert bias.shape == (2, 1, 5, 5)
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 5, 5) * 3
+    logits[:, :, :, 2] += 25.0  # a dropped key far above the kept ones must not take over (spec §11.2)
+    weights = (logits + bias).softmax(dim=-1)[:, 0]
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 5))
+    policy = torch.cat([torch.ones(2, 1), keep], dim=1)  # CLS first, always kept
+    # G_ij = m_j + (1 - m_j) [i = j] (spec §3.3, the official code): every query sees the kept keys and itself.
+    visible = (policy[:, None, :] == 1) | torch.eye(5, dtype=torch.bool)
+    assert weights[~visible].max() < 1e-8
+    assert torch.equal(bias[:, :, :, 0], torch.zeros(2, 1, 5))  # the CLS column is never masked
+    for b in range(2):
+        for i in range(5):
+            expected = logits[b, 0, i][visible[b, i]].softmax(dim=-1)
+            torch.testing.assert_close(weights[b, i][visible[b, i]], expected, atol=1e-7, rtol=1e-6)
 
 
 def test_the_mask_gradient_stays_bounded_when_a_dropped_key_dominates_its_row():

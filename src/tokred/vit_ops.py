@@ -142,10 +142,14 @@ def merge_heads(attn: Attention, out: torch.Tensor) -> torch.Tensor:
     return attn.proj_drop(attn.proj(out))
 
 
+def attention_logits(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q/k-norm, then the scaled dot products (B, H, n_q, n_kv): the pre-softmax attention map."""
+    return attn.q_norm(q) @ attn.k_norm(k).transpose(-2, -1) * attn.scale
+
+
 def cls_attention(attn: Attention, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Softmax attention of the CLS query (row 0) over all keys, per head: (B, H, n_kv). O(n*C), no full map."""
-    q0, k = attn.q_norm(q[:, :, :1]), attn.k_norm(k)
-    return (q0 @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1).squeeze(2)
+    return attention_logits(attn, q[:, :, :1], k).softmax(dim=-1).squeeze(2)
 
 
 def received_attention(
@@ -159,8 +163,7 @@ def received_attention(
     ``valid`` (B, n) marks the real rows of a padded batch (ATS): padded keys leave every softmax and padded queries
     the mean, so an image scores the same alone or padded.
     """
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = q @ k.transpose(-2, -1) * attn.scale
+    logits = attention_logits(attn, q, k)
     if valid is None:
         return logits.softmax(dim=-1).mean(dim=2)
     logits = logits.masked_fill(~valid[:, None, None, :], -torch.inf)

@@ -51,6 +51,7 @@ from tokred.reducers import register_reducer
 from tokred.reducers.base import Criterion, ParamGroup, Phase, ReducerConfig, TokenMap, TokenReducer
 from tokred.vit_ops import (
     attend,
+    attention_logits,
     block_forward,
     check_standard_vit,
     classify,
@@ -160,6 +161,11 @@ def connection(keep: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:
     return policy[:, None, None, :].expand(-1, 1, t, -1).masked_fill(diagonal, 1.0)
 
 
+def additive_mask(connection: torch.Tensor) -> torch.Tensor:
+    """masked_softmax=sdpa: the additive attention mask log(G + delta) for fused SDPA."""
+    return torch.log(connection + SDPA_MASK_DELTA)
+
+
 def policy_softmax(logits: torch.Tensor, connection: torch.Tensor) -> torch.Tensor:
     """The official masked softmax (spec §3.3) of attention logits (B, H, T, T) under G, in float32, cast back."""
     # The row max is over all keys, dropped ones included, as in the official code: it bounds the mask's gradient.
@@ -211,11 +217,10 @@ def _masked_block(blk: Block, x: torch.Tensor, connection: torch.Tensor | None, 
     attn = blk.attn
     q, k, v = project_qkv(attn, blk.norm1(x))
     if exact:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        weights = attn.attn_drop(policy_softmax(q @ k.transpose(-2, -1) * attn.scale, connection))
+        weights = attn.attn_drop(policy_softmax(attention_logits(attn, q, k), connection))
         out = merge_heads(attn, weights @ v)
     else:  # SDPA wants the mask in the query's dtype (bf16 under autocast)
-        out = attend(attn, q, k, v, attn_mask=torch.log(connection + SDPA_MASK_DELTA).to(q.dtype))
+        out = attend(attn, q, k, v, attn_mask=additive_mask(connection).to(q.dtype))
     x = x + blk.drop_path1(blk.ls1(out))
     return x + mlp_residual(blk, x)
 

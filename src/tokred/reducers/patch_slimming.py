@@ -51,6 +51,7 @@ from tokred.reducers import register_reducer
 from tokred.reducers.base import Phase, ReducerConfig, TokenMap, TokenReducer
 from tokred.vit_ops import (
     UnsupportedBackbone,
+    attention_logits,
     block_forward,
     check_standard_vit,
     classify,
@@ -325,7 +326,7 @@ def attention_probs(blk: nn.Module, x: torch.Tensor, keep: torch.Tensor | None) 
     attn = blk.attn
     h = blk.norm1(x)
     q, k, _ = project_qkv(attn, h if keep is None else h.index_select(1, keep), h)
-    return (attn.q_norm(q) @ attn.k_norm(k).transpose(-2, -1) * attn.scale).softmax(dim=-1)
+    return attention_logits(attn, q, k).softmax(dim=-1)
 
 
 def significance(maps: Sequence[torch.Tensor], z: torch.Tensor, head_rows: int | None = None) -> torch.Tensor:
